@@ -1,0 +1,3 @@
+from vtadl.cli import run
+
+run()

@@ -1,0 +1,226 @@
+"""The `vtadl` command line: each command parses, calls one library function, prints.
+
+Errors a user can cause become one line on stderr and exit code 2; nothing is a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vtadl.exceptions import VtadlError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: demo data.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+out = Console()
+
+METRIC_NAMES = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "au_pro": "AU-PRO (FPR<=0.3)",
+}
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VtadlError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; checkpoints so far are kept (continue with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
+    """VT-ADL anomaly detection: train, evaluate and predict."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class _RichCallbacks:
+    """Epoch and step progress bars on a terminal; silent otherwise."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.epochs = self.steps = None
+
+    def on_train_start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
+        self.epochs = self.progress.add_task("epochs", total=epochs)
+        self.steps = self.progress.add_task("steps", total=steps_per_epoch)
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        self.progress.update(self.steps, completed=step + 1, description=f"loss {loss:.4f}")
+
+    def on_epoch_end(self, record: dict) -> None:
+        self.progress.update(
+            self.epochs,
+            completed=record["epoch"],
+            description=f"epoch {record['epoch']} val {record['val_loss']:.4f}",
+        )
+        self.progress.reset(self.steps)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=True,
+    )
+
+
+def _print_metrics(result: dict, run_dir: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), **result}))
+        return
+    table = Table(
+        title=f"{result['dataset']}/{result['category']} ({result['n_test']} test images)"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, name in METRIC_NAMES.items():
+        table.add_row(name, f"{result[key]:.4f}")
+    out.print(table)
+    out.print(f"run folder: {run_dir}  (heat maps in {run_dir / 'maps'})", highlight=False)
+
+
+@app.command()
+@handle_errors
+def train(
+    dataset: str = typer.Option("mvtec", help="Dataset layout: mvtec."),
+    root: Path | None = typer.Option(None, help="Folder that holds the category folders."),
+    category: str | None = typer.Option(None, help="Product category, e.g. bottle."),
+    variant: str | None = typer.Option(
+        None, help="vtadl_paper (default), vtadl_small, vtadl_tiny."
+    ),
+    config: Path | None = typer.Option(None, help="YAML/JSON config file; options override it."),
+    epochs: int | None = typer.Option(None),
+    image_size: int | None = typer.Option(None, help="Input size; divisible by the patch size."),
+    batch_size: int | None = typer.Option(None),
+    lr: float | None = typer.Option(None),
+    n_gaussians: int | None = typer.Option(None),
+    noise_std: float | None = typer.Option(
+        None, help="Noise on the tokens in training; 0 disables."
+    ),
+    mdn_loss: str | None = typer.Option(
+        None, help="mixture (true NLL) or reference (published form)."
+    ),
+    score: str | None = typer.Option(None, help="Anomaly map: nll, recon or nll+recon."),
+    precision: str | None = typer.Option(None, help="fp32 or bf16 (autocast)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
+    seed: int | None = typer.Option(None),
+    out_dir: Path | None = typer.Option(None, "--out", help="Runs folder (default runs)."),
+    resume: bool = typer.Option(False, help="Continue the newest run of this category."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Train on one category, then evaluate on its test split."""
+    from vtadl.evaluation import evaluate_run
+    from vtadl.runs import train_config
+    from vtadl.training import fit
+
+    cfg, run_dir = train_config(
+        config_file=config,
+        variant=variant,
+        dataset=dataset,
+        root=root,
+        category=category,
+        resume=resume,
+        model=dict(img_size=image_size, n_gaussians=n_gaussians, noise_std=noise_std),
+        train=dict(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            mdn_loss=mdn_loss,
+            precision=precision,
+            device=device,
+            seed=seed,
+            out=str(out_dir) if out_dir else None,
+        ),
+        eval=dict(score=score),
+    )
+    with _progress() as progress:
+        run_dir = fit(cfg, run_dir=run_dir, callbacks=_RichCallbacks(progress))
+        task = progress.add_task("evaluating", total=None)
+        result = evaluate_run(
+            run_dir, progress=lambda i, n: progress.update(task, completed=i, total=n)
+        )
+    _print_metrics(result, run_dir, as_json)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
+    from vtadl.evaluation import evaluate_run
+
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=None)
+        result = evaluate_run(
+            run_dir, progress=lambda i, n: progress.update(task, completed=i, total=n)
+        )
+    _print_metrics(result, run_dir, as_json)
+
+
+@app.command()
+@handle_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for heat maps and scores.json."),
+) -> None:
+    """Score new images: heat-map overlays and scores.json (threshold from validation images)."""
+    from vtadl.evaluation import predict as predict_images
+
+    rows = predict_images(run_dir, images, out_dir)
+    flagged = sum(r["anomalous"] for r in rows)
+    out.print(
+        f"{len(rows)} images scored, {flagged} above the threshold; see {out_dir / 'scores.json'}",
+        highlight=False,
+    )
+
+
+@data_app.command("demo")
+@handle_errors
+def data_demo(
+    out_dir: Path = typer.Argument(..., help="Where to write the demo dataset."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a small MVTec-layout dataset from scikit-image's texture photographs."""
+    from vtadl.data.demo import make_demo_dataset
+
+    categories = make_demo_dataset(out_dir, seed=seed)
+    out.print(f"demo dataset in {out_dir}: {', '.join(categories)}", highlight=False)
+
+
+def run() -> None:
+    app(prog_name="vtadl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,240 @@
+"""Run configuration: frozen dataclasses that round-trip through plain dicts (JSON, YAML).
+
+A `Config` holds everything a run needs. Named model variants are data (`VARIANTS`); every
+checkpoint carries its config, so a run folder can always rebuild its own model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vtadl.exceptions import ConfigError
+
+MDN_LOSSES = ("mixture", "reference")
+MDN_CONDITIONS = ("token", "position")
+SCORES = ("nll", "nll+recon", "recon")
+IMAGE_SCORES = ("max", "mean", "top1pct")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    img_size: int = 512
+    patch_size: int = 64
+    in_chans: int = 3
+    embed_dim: int = 512
+    depth: int = 6
+    num_heads: int = 8
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = False
+    noise_std: float = 0.2
+    n_gaussians: int = 150
+    # What the mixture parameters are predicted from: "token" is the published design (the
+    # token itself, clamped at zero); "position" learns one context per patch position.
+    mdn_condition: str = "token"
+    # Stop the mixture's gradient at the tokens: the encoder then learns from the
+    # reconstruction alone and the mixture head fits the tokens it produces.
+    mdn_detach: bool = False
+    decoder_channels: int = 256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mvtec"
+    root: str = "data/mvtec"
+    category: str = ""
+    val_fraction: float = 0.1
+    augment: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    w_mse: float = 5.0
+    w_ssim: float = 0.5
+    w_nll: float = 1.0
+    mdn_loss: str = "mixture"
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    score: str = "nll"
+    image_score: str = "max"
+    smoothing_sigma: float = 4.0
+    n_maps: int = 12
+
+
+@dataclass(frozen=True)
+class Config:
+    variant: str = "vtadl_paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        return _build(cls, raw, "config")
+
+    def override(self, **sections: dict[str, Any]) -> Config:
+        """Return a copy with `section={key: value}` overrides applied and validated."""
+        raw = self.to_dict()
+        for name, values in sections.items():
+            if name not in raw:
+                raise ConfigError(f"unknown config section {name!r}")
+            if isinstance(raw[name], dict):
+                raw[name].update({k: v for k, v in values.items() if v is not None})
+            elif values is not None:
+                raw[name] = values
+        return validate(Config.from_dict(raw))
+
+
+VARIANTS: dict[str, ModelConfig] = {
+    # The paper's architecture: 512 px, 64 px patches (8x8 tokens), 150 Gaussians.
+    "vtadl_paper": ModelConfig(),
+    # For CPUs and small images: 128 px, 8 px patches (16x16 tokens).
+    "vtadl_small": ModelConfig(
+        img_size=128,
+        patch_size=8,
+        embed_dim=192,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        n_gaussians=30,
+        decoder_channels=128,
+    ),
+    # For tests: a few thousand parameters per block.
+    "vtadl_tiny": ModelConfig(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        n_gaussians=4,
+        decoder_channels=32,
+    ),
+}
+
+
+def variant_config(name: str, **overrides: Any) -> ModelConfig:
+    """The named model variant with field overrides; an unknown name lists the known ones."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
+    return validate_model(_replace(VARIANTS[name], overrides, "model"))
+
+
+def default_config(variant: str = "vtadl_paper") -> Config:
+    return Config(variant=variant, model=variant_config(variant))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML or JSON config file; sections may be partial, the variant fills the model."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = default_config(raw.get("variant", "vtadl_paper")).to_dict()
+    for name, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(name), dict):
+            base[name].update(values)
+        else:
+            base[name] = values
+    return validate(Config.from_dict(base))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_json(config: Config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    if m.patch_size <= 0 or m.img_size <= 0:
+        raise ConfigError("image size and patch size must be positive")
+    if m.img_size % m.patch_size:
+        raise ConfigError(
+            f"image size {m.img_size} is not divisible by the patch size {m.patch_size}"
+        )
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
+    if m.n_gaussians <= 0:
+        raise ConfigError(f"the number of Gaussians must be positive, got {m.n_gaussians}")
+    if m.noise_std < 0:
+        raise ConfigError(f"the noise level must not be negative, got {m.noise_std}")
+    if m.mdn_condition not in MDN_CONDITIONS:
+        raise ConfigError(f"mdn_condition must be one of {MDN_CONDITIONS}, got {m.mdn_condition!r}")
+    return m
+
+
+def validate(c: Config) -> Config:
+    validate_model(c.model)
+    t, d, e = c.train, c.data, c.eval
+    checks = [
+        (t.epochs > 0, f"epochs must be positive, got {t.epochs}"),
+        (t.batch_size > 0, f"batch size must be positive, got {t.batch_size}"),
+        (t.lr > 0, f"learning rate must be positive, got {t.lr}"),
+        (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
+        (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
+        (0 < d.val_fraction < 1, f"val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (e.score in SCORES, f"score must be one of {SCORES}, got {e.score!r}"),
+        (
+            e.image_score in IMAGE_SCORES,
+            f"image_score must be one of {IMAGE_SCORES}, got {e.image_score!r}",
+        ),
+        (e.smoothing_sigma >= 0, f"smoothing sigma must not be negative, got {e.smoothing_sigma}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return c
+
+
+def _replace(obj: Any, values: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
+    return replace(obj, **values)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
+    values = {}
+    for name, value in raw.items():
+        sub = _SECTIONS.get(name) if cls is Config else None
+        values[name] = _build(sub, value, name) if sub else value
+    return cls(**values)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}

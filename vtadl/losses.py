@@ -1,0 +1,107 @@
+"""Loss terms: reconstruction (MSE, SSIM) and the mixture negative log-likelihood.
+
+Each mixture term returns one value per token, (B, N), in nats summed over the token's D
+dimensions: the same number is the training loss (averaged) and the test-time patch score.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from vtadl.model.mdn import Mixture
+
+# Bounds on the log variance of the true mixture: wide enough for any sensible fit, narrow
+# enough that exp(-log_var) cannot overflow or make the loss run away to -inf.
+LOG_VAR_MIN, LOG_VAR_MAX = -9.0, 9.0
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(x | mu_k, diag(exp(log_var_k))) for every token and component: (B, N, K)."""
+    sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)
+    return -0.5 * (sq + log_var + _LOG_2PI).sum(-1)
+
+
+def mixture_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """True mixture NLL, -log sum_k pi_k N_k(x), via logsumexp."""
+    log_var = mix.log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX)
+    return -torch.logsumexp(mix.log_pi + _component_log_density(x, mix, log_var), dim=-1)
+
+
+def reference_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """The published code's form: sum_k pi_k * (-log N_k(x)), with log_var = softplus(raw).
+
+    The softplus makes every variance at least 1 (the published variance floor). By Jensen's
+    inequality this is an upper bound on the true mixture NLL.
+    """
+    log_var = F.softplus(mix.log_var)
+    return -(mix.log_pi.exp() * _component_log_density(x, mix, log_var)).sum(-1)
+
+
+MDN_LOSS_FUNCTIONS = {"mixture": mixture_nll, "reference": reference_nll}
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
+    coords = torch.arange(size, dtype=like.dtype, device=like.device) - size // 2
+    g = torch.exp(-coords.square() / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity of two image batches in [0, 1], per image: (B,).
+
+    Gaussian window (11, sigma 1.5), C1 = 0.01^2, C2 = 0.03^2, zero padding, as in the common
+    SSIM implementations that the published code used.
+    """
+    c = a.shape[1]
+    w = _gaussian_window(window, sigma, c, a)
+    pad = window // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, padding=pad, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a.square()
+    var_b = blur(b * b) - mu_b.square()
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2)
+    )
+    return s.flatten(1).mean(1)
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor
+    mse: torch.Tensor
+    ssim: torch.Tensor
+    nll: torch.Tensor  # mean per-token mixture NLL divided by the token dimension
+
+
+def vtadl_loss(
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    tokens: torch.Tensor,
+    mixture: Mixture,
+    *,
+    w_mse: float,
+    w_ssim: float,
+    w_nll: float,
+    mdn_loss: str,
+) -> LossTerms:
+    """w_mse * MSE + w_ssim * (1 - SSIM) + w_nll * NLL, computed in float32.
+
+    The NLL term is per token dimension so that its weight means the same at any embed_dim.
+    """
+    rec = reconstruction.float()
+    mse = F.mse_loss(rec, images)
+    sim = ssim(images, rec).mean()
+    mix = Mixture(*(t.float() for t in mixture))
+    nll = MDN_LOSS_FUNCTIONS[mdn_loss](tokens.float(), mix).mean() / tokens.shape[-1]
+    total = w_mse * mse + w_ssim * (1 - sim) + w_nll * nll
+    return LossTerms(total, mse.detach(), sim.detach(), nll.detach())

@@ -1,0 +1,51 @@
+"""Gaussian mixture density head over patch tokens."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Mixture(NamedTuple):
+    """Diagonal Gaussian mixture per token: log weights (B, N, K), means and log variances
+    (B, N, K, D). With position conditioning the batch dimension is 1 and broadcasts."""
+
+    log_pi: torch.Tensor
+    mu: torch.Tensor
+    log_var: torch.Tensor
+
+
+class MixtureDensityHead(nn.Module):
+    """Predicts K diagonal Gaussians in token space for each patch token.
+
+    `condition="token"` is the published design: the parameters are a linear function of the
+    token itself, clamped at zero. `condition="position"` predicts them from a learned context
+    per patch position, so each position has its own mixture that does not see the token it
+    scores. The log variances are raw; the loss decides how to bound them.
+    """
+
+    def __init__(
+        self, *, dim: int, n_gaussians: int, num_patches: int, condition: str = "token"
+    ) -> None:
+        super().__init__()
+        self.n_gaussians = n_gaussians
+        self.pi = nn.Linear(dim, n_gaussians)
+        self.mu = nn.Linear(dim, n_gaussians * dim)
+        self.log_var = nn.Linear(dim, n_gaussians * dim)
+        nn.init.zeros_(self.log_var.weight)
+        nn.init.zeros_(self.log_var.bias)
+        self.context = (
+            nn.Parameter(torch.randn(1, num_patches, dim)) if condition == "position" else None
+        )
+
+    def forward(self, tokens: torch.Tensor) -> Mixture:
+        cond = tokens.clamp(min=0) if self.context is None else self.context
+        b, n, d = cond.shape
+        shape = (b, n, self.n_gaussians, d)
+        return Mixture(
+            log_pi=torch.log_softmax(self.pi(cond), dim=-1),
+            mu=self.mu(cond).view(shape),
+            log_var=self.log_var(cond).view(shape),
+        )

@@ -1,0 +1,83 @@
+"""VT-ADL: ViT encoder, noise on the tokens, convolutional decoder, mixture density head."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from vtadl.config import ModelConfig, variant_config
+from vtadl.model.decoder import ConvDecoder
+from vtadl.model.encoder import ViTEncoder
+from vtadl.model.mdn import Mixture, MixtureDensityHead
+
+
+class VTADLOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, N, D) as the mixture sees them; noisy in training
+    reconstruction: torch.Tensor  # (B, C, H, W) in [0, 1]
+    mixture: Mixture
+
+
+class VTADL(nn.Module):
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        in_chans: int = 3,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool = False,
+        noise_std: float = 0.2,
+        n_gaussians: int,
+        mdn_condition: str = "token",
+        mdn_detach: bool = False,
+        decoder_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        self.noise_std = noise_std
+        self.mdn_detach = mdn_detach
+        self.encoder = ViTEncoder(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+        )
+        self.grid_size = self.encoder.patch_embed.grid_size
+        self.decoder = ConvDecoder(
+            dim=embed_dim, patch_size=patch_size, out_chans=in_chans, channels=decoder_channels
+        )
+        self.mdn = MixtureDensityHead(
+            dim=embed_dim,
+            n_gaussians=n_gaussians,
+            num_patches=self.encoder.patch_embed.num_patches,
+            condition=mdn_condition,
+        )
+        # Images arrive in [0, 1]; the encoder sees them centred.
+        self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(0.25), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> VTADLOutput:
+        tokens = self.encoder.forward_features((images - self.pixel_mean) / self.pixel_std)
+        if self.training and self.noise_std > 0:
+            tokens = tokens + torch.randn_like(tokens) * self.noise_std
+        reconstruction = self.decoder(tokens, self.grid_size)
+        if self.mdn_detach:
+            tokens = tokens.detach()
+        return VTADLOutput(tokens, reconstruction, self.mdn(tokens))
+
+
+def build_model(config: ModelConfig) -> VTADL:
+    return VTADL(**config.__dict__)
+
+
+def create_model(name: str, **overrides: Any) -> VTADL:
+    """The named variant (`vtadl_paper`, `vtadl_small`, `vtadl_tiny`) with field overrides."""
+    return build_model(variant_config(name, **overrides))
