@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vtadl.config import (
+    VARIANTS,
+    Config,
+    ModelConfig,
+    TrainConfig,
+    config_json,
+    default_config,
+    load_config,
+    save_config,
+    variant_config,
+)
+from vtadl.exceptions import ConfigError
+
+
+def _custom() -> Config:
+    """A config that differs from the defaults in every section."""
+    return default_config("vtadl_tiny").override(
+        model={"img_size": 48, "patch_size": 12, "noise_std": 0.0, "mdn_condition": "position"},
+        data={"root": "/data/mvtec", "category": "bottle", "val_fraction": 0.25},
+        train={"epochs": 7, "lr": 3e-4, "mdn_loss": "reference", "w_nll": 0.5},
+        eval={"score": "nll+recon", "image_score": "top1pct", "smoothing_sigma": 0.0},
+    )
+
+
+def test_dict_json_round_trip() -> None:
+    cfg = _custom()
+    raw = json.loads(json.dumps(cfg.to_dict()))
+    back = Config.from_dict(raw)
+    assert back == cfg
+    assert isinstance(back.model, ModelConfig) and isinstance(back.train, TrainConfig)
+    assert json.loads(config_json(cfg)) == cfg.to_dict()
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = _custom()
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["model"]["img_size"] == 48
+    assert load_config(path) == cfg
+
+
+def test_json_file_loads(tmp_path: Path) -> None:
+    cfg = _custom()
+    path = tmp_path / "config.json"
+    path.write_text(config_json(cfg))
+    assert load_config(path) == cfg
+
+
+def test_partial_file_fills_from_variant(tmp_path: Path) -> None:
+    path = tmp_path / "partial.yaml"
+    path.write_text("variant: vtadl_tiny\nmodel:\n  n_gaussians: 7\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path)
+    assert cfg.variant == "vtadl_tiny"
+    tiny = VARIANTS["vtadl_tiny"]
+    assert cfg.model.n_gaussians == 7
+    assert cfg.model.embed_dim == tiny.embed_dim == 32
+    assert cfg.model.img_size == tiny.img_size
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == TrainConfig().lr
+    assert cfg.eval == default_config("vtadl_tiny").eval
+
+
+def test_file_without_variant_uses_the_paper_model(tmp_path: Path) -> None:
+    path = tmp_path / "partial.yaml"
+    path.write_text("data:\n  category: bottle\n")
+    cfg = load_config(path)
+    assert cfg.variant == "vtadl_paper"
+    assert cfg.model == VARIANTS["vtadl_paper"]
+    assert cfg.data.category == "bottle"
+
+
+@pytest.mark.parametrize(
+    ("text", "word"),
+    [
+        ("model:\n  embed_dimension: 8\n", "embed_dimension"),
+        ("train:\n  epoch: 3\n", "epoch"),
+        ("optimizer:\n  lr: 1.0\n", "optimizer"),
+        ("variant: nope\n", "nope"),
+        ("- a\n- b\n", "mapping"),
+        ("model: [1, 2\n", "not valid"),
+    ],
+)
+def test_bad_config_files(tmp_path: Path, text: str, word: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=word):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_unknown_option_names() -> None:
+    cfg = default_config("vtadl_tiny")
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        cfg.override(train={"lerning_rate": 1.0})
+    with pytest.raises(ConfigError, match="optim"):
+        cfg.override(optim={"lr": 1.0})
+    with pytest.raises(ConfigError, match="depht"):
+        variant_config("vtadl_tiny", depht=3)
+    raw = cfg.to_dict()
+    raw["eval"]["scores"] = "nll"
+    with pytest.raises(ConfigError, match="scores"):
+        Config.from_dict(raw)
+
+
+def test_unknown_variant_lists_known() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        default_config("vtadl_huge")
+    assert all(name in str(excinfo.value) for name in VARIANTS)
+
+
+def test_override_ignores_none_and_keeps_the_rest() -> None:
+    cfg = default_config("vtadl_tiny").override(train={"epochs": 5, "lr": None})
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr == TrainConfig().lr
+    assert cfg.model == VARIANTS["vtadl_tiny"]
+
+
+@pytest.mark.parametrize(
+    ("sections", "word"),
+    [
+        ({"model": {"img_size": 30}}, "not divisible"),
+        ({"model": {"n_gaussians": 0}}, "Gaussians"),
+        ({"model": {"n_gaussians": -3}}, "Gaussians"),
+        ({"model": {"noise_std": -0.1}}, "noise"),
+        ({"model": {"mdn_condition": "pixel"}}, "mdn_condition"),
+        ({"model": {"num_heads": 3}}, "num_heads"),
+        ({"train": {"mdn_loss": "jensen"}}, "mdn_loss"),
+        ({"train": {"epochs": 0}}, "epochs"),
+        ({"train": {"lr": -1.0}}, "learning rate"),
+        ({"train": {"precision": "fp8"}}, "precision"),
+        ({"data": {"val_fraction": 1.0}}, "val_fraction"),
+        ({"eval": {"score": "ssim"}}, "score"),
+        ({"eval": {"image_score": "median"}}, "image_score"),
+        ({"eval": {"smoothing_sigma": -1.0}}, "sigma"),
+    ],
+)
+def test_validation_errors(sections: dict, word: str) -> None:
+    with pytest.raises(ConfigError, match=word) as excinfo:
+        default_config("vtadl_tiny").override(**sections)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_validation_error_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("variant: vtadl_tiny\ntrain:\n  mdn_loss: bogus\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(path)
