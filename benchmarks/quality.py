@@ -57,7 +57,10 @@ def baseline_metrics(config, sigma: float = 4.0) -> dict:
     grids = patch_nn_maps(load_arrays(splits.train, size), load_arrays(splits.test, size))
     shapes = [image_size(s.image) for s in splits.test]
     maps = [to_original(grid, shape, sigma) for grid, shape in zip(grids, shapes)]
-    masks = [load_mask(s.mask, sh) if s.mask else np.zeros(sh, bool) for s, sh in zip(splits.test, shapes)]
+    masks = [
+        load_mask(s.mask, sh) if s.mask else np.zeros(sh, bool)
+        for s, sh in zip(splits.test, shapes)
+    ]
     labels = np.array([s.label for s in splits.test])
     return {
         "image_auroc": metrics.image_auroc([image_score(m) for m in maps], labels),
@@ -99,8 +102,12 @@ def main() -> None:
         run_dir = fit(config)
         model = evaluate_run(run_dir)
         seconds = time.perf_counter() - tic
-        row = {"category": category, "seconds": round(seconds, 1), "run_dir": str(run_dir),
-               "model": {k: round(model[k], 4) for k in ("image_auroc", "pixel_auroc", "au_pro")}}
+        row = {
+            "category": category,
+            "seconds": round(seconds, 1),
+            "run_dir": str(run_dir),
+            "model": {k: round(model[k], 4) for k in ("image_auroc", "pixel_auroc", "au_pro")},
+        }
         if not args.no_baseline:
             base = baseline_metrics(config)
             row["baseline"] = {k: round(v, 4) for k, v in base.items()}
@@ -108,14 +115,18 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     print(f"\nvariant {args.variant}, overrides {args.set or 'none'}")
-    print(f"{'category':<10} {'':>9} {'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'time s':>7}")
+    print(
+        f"{'category':<10} {'':>9} {'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'time s':>7}"
+    )
     for row in rows:
         for who in ("model", "baseline"):
             if who in row:
                 m = row[who]
                 t = f"{row['seconds']:>7}" if who == "model" else ""
-                print(f"{row['category']:<10} {who:>9} {m['image_auroc']:>12.3f} "
-                      f"{m['pixel_auroc']:>12.3f} {m['au_pro']:>8.3f} {t}")
+                print(
+                    f"{row['category']:<10} {who:>9} {m['image_auroc']:>12.3f} "
+                    f"{m['pixel_auroc']:>12.3f} {m['au_pro']:>8.3f} {t}"
+                )
 
 
 if __name__ == "__main__":

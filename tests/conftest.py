@@ -41,6 +41,12 @@ def tiny_config(root: Path, out: Path, **train: Any) -> Config:
     )
 
 
+@pytest.fixture(scope="session")
+def config_for() -> Callable[..., Config]:
+    """`config_for(root, out, **train_overrides)`: the tiny config, for module fixtures."""
+    return tiny_config
+
+
 @pytest.fixture
 def make_config(demo_root: Path, tmp_path: Path) -> Callable[..., Config]:
     """`make_config(**train_overrides)`: a tiny config whose runs go under tmp_path/runs."""

@@ -214,7 +214,9 @@ def test_vtadl_loss_combines_weighted_terms(mdn_loss: str) -> None:
     sim = ssim(images, rec.detach()).mean()
     nll = nll_fn(tokens, mix).mean() / 8  # per token dimension
 
-    terms = vtadl_loss(images, rec, tokens, mix, w_mse=2.0, w_ssim=3.0, w_nll=5.0, mdn_loss=mdn_loss)
+    terms = vtadl_loss(
+        images, rec, tokens, mix, w_mse=2.0, w_ssim=3.0, w_nll=5.0, mdn_loss=mdn_loss
+    )
     torch.testing.assert_close(terms.mse, mse)
     torch.testing.assert_close(terms.ssim, sim)
     torch.testing.assert_close(terms.nll, nll)

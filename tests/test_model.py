@@ -14,9 +14,7 @@ N_GAUSSIANS = 3
 def _small(variant: str, **overrides) -> VTADL:
     """The variant's architecture on a 2x2 token grid with a few Gaussians."""
     patch = VARIANTS[variant].patch_size
-    return create_model(
-        variant, **{"img_size": 2 * patch, "n_gaussians": N_GAUSSIANS, **overrides}
-    )
+    return create_model(variant, **{"img_size": 2 * patch, "n_gaussians": N_GAUSSIANS, **overrides})
 
 
 def _images(model: VTADL, batch: int = 2, seed: int = 0) -> torch.Tensor:

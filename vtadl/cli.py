@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except VtadlError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; checkpoints so far are kept (continue with --resume)")
@@ -174,15 +175,23 @@ def train(
 @handle_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
+    score: str | None = typer.Option(None, help="Anomaly map: nll, recon or nll+recon."),
+    image_score: str | None = typer.Option(
+        None, help="Image score from the map: max, mean, top1pct."
+    ),
+    sigma: float | None = typer.Option(None, help="Smoothing of the map, in original pixels."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
+    overrides = {"score": score, "image_score": image_score, "smoothing_sigma": sigma}
     from vtadl.evaluation import evaluate_run
 
     with _progress() as progress:
         task = progress.add_task("evaluating", total=None)
         result = evaluate_run(
-            run_dir, progress=lambda i, n: progress.update(task, completed=i, total=n)
+            run_dir,
+            eval_overrides=overrides,
+            progress=lambda i, n: progress.update(task, completed=i, total=n),
         )
     _print_metrics(result, run_dir, as_json)
 

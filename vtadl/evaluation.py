@@ -135,17 +135,23 @@ def calibrate(
 class Scorer:
     """A trained run, ready to turn images into full-resolution anomaly maps."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = BEST) -> None:
+    def __init__(
+        self, run_dir: str | Path, checkpoint: str = BEST, eval_overrides: dict | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise RunError(f"run folder not found: {self.run_dir}")
         self.config, model, self.state = model_from_checkpoint(
             self.run_dir / "checkpoints" / checkpoint
         )
+        overrides = {k: v for k, v in (eval_overrides or {}).items() if v is not None}
+        if overrides:
+            self.config = self.config.override(eval=overrides)
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
+        # The calibration of the run's own score is kept; other scores are calibrated afresh.
         cal_path = self.run_dir / "calibration.json"
-        if cal_path.exists():
+        if cal_path.exists() and not overrides:
             self.calibration = Calibration(**json.loads(cal_path.read_text()))
         else:
             c = self.config
@@ -154,7 +160,8 @@ class Scorer:
             )
             val = load_arrays(splits.val, c.model.img_size)
             self.calibration = calibrate(self.model, val, c, self.device)
-            cal_path.write_text(json.dumps(asdict(self.calibration), indent=2))
+            if not overrides:
+                cal_path.write_text(json.dumps(asdict(self.calibration), indent=2))
 
     @property
     def eval(self) -> EvalConfig:
@@ -174,10 +181,17 @@ def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
 
 
 def evaluate_run(
-    run_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
+    run_dir: str | Path,
+    *,
+    eval_overrides: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Score the test split of a run with its best checkpoint; write metrics.json and maps/."""
-    scorer = Scorer(run_dir)
+    """Score the test split of a run with its best checkpoint; write metrics.json and maps/.
+
+    `eval_overrides` (score, image_score, smoothing_sigma) evaluate the same model another way;
+    metrics.json records which way.
+    """
+    scorer = Scorer(run_dir, eval_overrides=eval_overrides)
     c = scorer.config
     splits = index_splits(
         c.data.dataset, c.data.root, c.data.category, c.data.val_fraction, c.train.seed
@@ -205,6 +219,7 @@ def evaluate_run(
         "n_anomalous": int(labels.sum()),
         "score": scorer.eval.score,
         "image_score": scorer.eval.image_score,
+        "smoothing_sigma": scorer.eval.smoothing_sigma,
         "mdn_loss": c.train.mdn_loss,
         "checkpoint": BEST,
         "best_epoch": scorer.state["epoch"] + 1,

@@ -207,15 +207,20 @@ def fit(
             if not torch.isfinite(terms.total):
                 raise TrainingError(
                     f"loss became {float(terms.total)} at epoch {epoch + 1}, step {step + 1} "
-                    f"(mse {float(terms.mse):.4g}, nll {float(terms.nll):.4g}); the last good "
-                    f"checkpoint is in {ckpt_dir}; try a lower learning rate"
+                    f"(mse {float(terms.mse):.4g}, nll {float(terms.nll):.4g}); "
+                    + (
+                        f"the last good checkpoint is in {ckpt_dir}; "
+                        if (ckpt_dir / LAST).exists()
+                        else ""
+                    )
+                    + "try a lower learning rate"
                 )
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
-            sums += np.array([float(v) for v in terms]) * len(images)
+            sums += np.array([float(v.detach()) for v in terms]) * len(images)
             n += len(images)
             callbacks.on_step(epoch, step, float(terms.total))
         record = {

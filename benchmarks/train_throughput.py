@@ -1,0 +1,139 @@
+"""Training throughput: images per second, peak memory, GFLOPs per image, matmul efficiency.
+
+Each precision runs in its own process, so its peak resident memory is its own. A training
+step is the real one (forward, the full loss, backward, gradient clipping, Adam) on random
+images; the FLOPs of one step are counted with torch.utils.flop_counter.
+
+    python benchmarks/train_throughput.py --variant vtadl_paper --n-gaussians 10
+    python benchmarks/train_throughput.py --variant vtadl_small --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from vtadl.config import Config, default_config
+from vtadl.losses import vtadl_loss
+from vtadl.model import build_model
+from vtadl.training import autocast
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """This machine's measured dense matmul rate in GFLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - tic) / 1e9
+
+
+def _step(model, optimizer, images, config: Config) -> None:
+    t = config.train
+    with autocast(images.device, t.precision):
+        out = model(images)
+    terms = vtadl_loss(
+        images,
+        out.reconstruction,
+        out.tokens,
+        out.mixture,
+        w_mse=t.w_mse,
+        w_ssim=t.w_ssim,
+        w_nll=t.w_nll,
+        mdn_loss=t.mdn_loss,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimizer.step()
+
+
+def measure(args: argparse.Namespace, precision: str) -> dict:
+    torch.manual_seed(0)
+    model_over = {"img_size": args.image_size, "n_gaussians": args.n_gaussians}
+    config = default_config(args.variant).override(
+        model={k: v for k, v in model_over.items() if v is not None},
+        train={"precision": precision, "batch_size": args.batch_size},
+    )
+    model = build_model(config.model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    size = config.model.img_size
+    images = torch.rand(args.batch_size, 3, size, size)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _step(model, optimizer, images, config)
+    gflop_per_image = counter.get_total_flops() / args.batch_size / 1e9
+    for _ in range(args.warmup):
+        _step(model, optimizer, images, config)
+    tic = time.perf_counter()
+    for _ in range(args.steps):
+        _step(model, optimizer, images, config)
+    seconds = time.perf_counter() - tic
+    ips = args.steps * args.batch_size / seconds
+    peak = matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return {
+        "variant": args.variant,
+        "image_size": size,
+        "n_gaussians": config.model.n_gaussians,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "channels_last": args.channels_last,
+        "threads": torch.get_num_threads(),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "images_per_second": round(ips, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "rss_before_model_step_gb": round(rss_before / 1024, 3),
+        "gflop_per_image": round(gflop_per_image, 2),
+        "matmul_gflops": round(peak, 1),
+        "matmul_fraction": round(gflop_per_image * ips / peak, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="vtadl_paper")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--n-gaussians", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, args.precision[0])))
+        return
+    rows = []
+    for precision in args.precision:
+        cmd = [sys.executable, __file__, "--child", "--precision", precision] + [
+            a for a in sys.argv[1:] if a not in args.precision and a != "--precision"
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print(
+        f"\n{'precision':<9} {'img/s':>7} {'peak GB':>8} {'GFLOP/img':>10} {'matmul GFLOP/s':>15} "
+        f"{'fraction':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['precision']:<9} {r['images_per_second']:>7} {r['peak_rss_gb']:>8} "
+            f"{r['gflop_per_image']:>10} {r['matmul_gflops']:>15} {r['matmul_fraction']:>9}"
+        )
+
+
+if __name__ == "__main__":
+    main()

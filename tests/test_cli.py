@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from PIL import Image
+from typer.testing import CliRunner
+
+from vtadl.cli import app
+from vtadl.config import VARIANTS
+
+CATEGORY = "brick"  # the demo category of conftest.demo_root
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+
+runner = CliRunner()
+
+
+def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--root",
+        str(root),
+        "--category",
+        CATEGORY,
+        "--variant",
+        "vtadl_tiny",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _last_json(result: Result) -> dict:
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    assert lines, result.output
+    return json.loads(lines[-1])
+
+
+def _history_lines(run_dir: Path) -> int:
+    return len([ln for ln in (run_dir / "history.jsonl").read_text().splitlines() if ln.strip()])
+
+
+def _one_line_error(result: Result, *words: str) -> str:
+    """A failure that is exactly one line naming the problem, and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    line = lines[0]
+    assert line in result.stderr
+    assert line.startswith("error:")
+    for word in words:
+        assert word in line, (word, line)
+    return line
+
+
+# ---------------------------------------------------------------- working commands
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`data demo` then one epoch of `train --json` on its brick category."""
+    base = tmp_path_factory.mktemp("cli")
+    data = base / "demo"
+    result = runner.invoke(app, ["data", "demo", str(data)])
+    assert result.exit_code == 0, result.output
+    assert (data / CATEGORY / "train" / "good").is_dir()
+    result = runner.invoke(app, _train_args(data, base / "runs", "--json"))
+    payload = _last_json(result)
+    return data, payload
+
+
+def test_train_json_last_line(demo_run: tuple[Path, dict]) -> None:
+    _, payload = demo_run
+    run_dir = Path(payload["run_dir"])
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert _history_lines(run_dir) == 1
+    for key in METRICS:
+        assert 0.0 <= payload[key] <= 1.0, key
+    assert payload["category"] == CATEGORY and payload["variant"] == "vtadl_tiny"
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: saved[k] for k in METRICS} == {k: payload[k] for k in METRICS}
+
+
+def test_evaluate_json(demo_run: tuple[Path, dict]) -> None:
+    _, trained = demo_run
+    result = runner.invoke(app, ["evaluate", trained["run_dir"], "--json"])
+    payload = _last_json(result)
+    assert payload["run_dir"] == trained["run_dir"]
+    for key in METRICS:
+        assert payload[key] == pytest.approx(trained[key]), key
+
+
+def test_evaluate_table(demo_run: tuple[Path, dict]) -> None:
+    _, trained = demo_run
+    result = runner.invoke(app, ["evaluate", trained["run_dir"]])
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.stdout
+    assert f"{trained['image_auroc']:.4f}" in result.stdout
+
+
+def test_predict(demo_run: tuple[Path, dict], tmp_path: Path) -> None:
+    data, trained = demo_run
+    image = data / CATEGORY / "test" / "good" / "000.png"
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", trained["run_dir"], str(image), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 images scored" in result.output
+    rows = json.loads((out / "scores.json").read_text())
+    assert [r["image"] for r in rows] == [str(image)]
+    assert (out / rows[0]["heatmap"]).is_file()
+
+
+def test_resume_continues_the_same_run(demo_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    first = _last_json(runner.invoke(app, _train_args(demo_root, runs, "--json")))
+    run_dir = Path(first["run_dir"])
+    assert _history_lines(run_dir) == 1
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(runs), "--epochs", "2"]
+    second = _last_json(runner.invoke(app, [*args, "--json"]))
+    assert second["run_dir"] == first["run_dir"]
+    assert _history_lines(run_dir) == 2
+    assert len(list(run_dir.parent.iterdir())) == 1  # no new run folder
+
+
+def test_resume_refuses_to_change_the_model(demo_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _last_json(runner.invoke(app, _train_args(demo_root, runs, "--json")))
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(runs), "--epochs", "2"]
+    result = runner.invoke(app, [*args, "--n-gaussians", "3"])
+    _one_line_error(result, "n_gaussians")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / "absent"
+    result = runner.invoke(app, _train_args(root, tmp_path / "runs"))
+    _one_line_error(result, str(root), "does not exist")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_error_message_keeps_square_brackets(tmp_path: Path) -> None:
+    # A path is printed verbatim, even where it looks like console markup.
+    root = tmp_path / "data [copy]"
+    result = runner.invoke(app, _train_args(root, tmp_path / "runs"))
+    _one_line_error(result, str(root), "does not exist")
+
+
+def test_unknown_category_lists_available(demo_root: Path, tmp_path: Path) -> None:
+    args = _train_args(demo_root, tmp_path / "runs")
+    args[args.index(CATEGORY)] = "bottle"
+    _one_line_error(runner.invoke(app, args), "'bottle'", "available: brick")
+
+
+def test_empty_train_folder(demo_copy: Path, tmp_path: Path) -> None:
+    train = demo_copy / CATEGORY / "train" / "good"
+    for png in train.glob("*.png"):
+        png.unlink()
+    result = runner.invoke(app, _train_args(demo_copy, tmp_path / "runs"))
+    _one_line_error(result, str(train), "no images")
+
+
+def test_unreadable_training_image(demo_copy: Path, tmp_path: Path) -> None:
+    bad = demo_copy / CATEGORY / "train" / "good" / "005.png"
+    bad.write_bytes(b"this is not a PNG file at all" * 10)
+    result = runner.invoke(app, _train_args(demo_copy, tmp_path / "runs"))
+    _one_line_error(result, "cannot read image", str(bad))
+
+
+def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
+    mask = demo_copy / CATEGORY / "ground_truth" / "stain" / "001_mask.png"
+    with Image.open(mask) as img:
+        assert img.size == (32, 32)
+    Image.new("L", (16, 24), 255).save(mask)
+    runs = tmp_path / "runs"
+    # Training succeeds; evaluating its test split meets the mismatch.
+    result = runner.invoke(app, _train_args(demo_copy, runs, "--json"))
+    _one_line_error(result, str(mask), "24x16", "32x32")
+    (run_dir,) = (runs / "mvtec" / CATEGORY).iterdir()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    _one_line_error(runner.invoke(app, ["evaluate", str(run_dir)]), str(mask), "24x16")
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--image-size", "30"], ("30", "not divisible", "8")),
+        (["--n-gaussians", "0"], ("Gaussians", "0")),
+        (["--noise-std", "-1"], ("noise", "-1")),
+        (["--mdn-loss", "jensen"], ("mdn_loss", "jensen", "mixture", "reference")),
+        (["--variant", "vtadl_huge"], ("vtadl_huge", *VARIANTS)),
+    ],
+    ids=["image-size", "n-gaussians", "noise-std", "mdn-loss", "variant"],
+)
+def test_bad_options(demo_root: Path, tmp_path: Path, extra: list[str], words: tuple) -> None:
+    result = runner.invoke(app, _train_args(demo_root, tmp_path / "runs", *extra))
+    _one_line_error(result, *words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_without_previous_run(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(runs), "--epochs", "2"]
+    _one_line_error(runner.invoke(app, args), "no run", str(runs / "mvtec" / CATEGORY))
+
+
+def test_evaluate_missing_run_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_run"
+    _one_line_error(runner.invoke(app, ["evaluate", str(missing)]), "not found", str(missing))
+
+
+def test_predict_missing_image(demo_run: tuple[Path, dict], tmp_path: Path) -> None:
+    _, trained = demo_run
+    missing = tmp_path / "nothing.png"
+    args = ["predict", trained["run_dir"], str(missing), "--out", str(tmp_path / "pred")]
+    _one_line_error(runner.invoke(app, args), str(missing))

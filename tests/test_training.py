@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+import vtadl.training as training
+from vtadl.config import Config, load_config
+from vtadl.evaluation import evaluate_run, predict
+from vtadl.exceptions import RunError, TrainingError
+from vtadl.losses import LossTerms
+from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
+
+CATEGORY = "brick"  # the demo category of conftest.demo_root
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    return [json.loads(ln) for ln in lines if ln.strip()]
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def three_epochs(
+    demo_root: Path, config_for, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Config, Path]:
+    """One uninterrupted 3-epoch run, shared by the read-only tests of this module."""
+    cfg = config_for(demo_root, tmp_path_factory.mktemp("runs_a"), epochs=3)
+    return cfg, fit(cfg)
+
+
+def test_fit_writes_run_folder(three_epochs: tuple[Config, Path]) -> None:
+    cfg, run_dir = three_epochs
+    assert run_dir.parent == Path(cfg.train.out) / "mvtec" / CATEGORY
+    assert load_config(run_dir / "config.yaml") == cfg
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    history = _history(run_dir)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for record in history:
+        for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_mse", "val_ssim", "val_nll"):
+            assert math.isfinite(record[key]), key
+    assert latest_run(cfg.train.out, "mvtec", CATEGORY) == run_dir
+
+
+def test_checkpoints_carry_config_and_rebuild_the_model(three_epochs: tuple[Config, Path]) -> None:
+    cfg, run_dir = three_epochs
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / "checkpoints" / name
+        state = load_checkpoint(path)
+        assert state["config"] == cfg.to_dict()
+        rebuilt_cfg, model, _ = model_from_checkpoint(path)
+        assert rebuilt_cfg == cfg
+        assert not model.training
+        _states_equal(model.state_dict(), state["model"])
+        _, again, _ = model_from_checkpoint(path)
+        with torch.no_grad():
+            a, b = model(x), again(x)
+        assert torch.equal(a.reconstruction, b.reconstruction)
+        assert torch.equal(a.tokens, b.tokens)
+        for ta, tb in zip(a.mixture, b.mixture):
+            assert torch.equal(ta, tb)
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2  # zero-based: the third epoch
+
+
+def test_best_checkpoint_has_lowest_validation_loss(three_epochs: tuple[Config, Path]) -> None:
+    _, run_dir = three_epochs
+    history = _history(run_dir)
+    losses = [r["val_loss"] for r in history]
+    best_epoch = min(range(len(losses)), key=losses.__getitem__) + 1
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best["epoch"] + 1 == best_epoch
+    assert best["record"]["val_loss"] == pytest.approx(min(losses))
+    assert best["best_val_loss"] == pytest.approx(min(losses))
+    # Each record's flag says whether it improved on every earlier epoch.
+    flags = [r["best"] for r in history]
+    assert flags == [v < min(losses[:i], default=math.inf) for i, v in enumerate(losses)]
+
+
+def test_resume_ends_where_an_uninterrupted_run_would(
+    three_epochs: tuple[Config, Path], tmp_path: Path
+) -> None:
+    cfg_a, run_a = three_epochs
+    cfg_b = cfg_a.override(train={"epochs": 1, "out": str(tmp_path / "runs_b")})
+    run_b = fit(cfg_b)
+    assert len(_history(run_b)) == 1
+    resumed = fit(cfg_b.override(train={"epochs": 3}), run_dir=run_b)
+    assert resumed == run_b
+
+    final_a = load_checkpoint(run_a / "checkpoints" / "last.pt")
+    final_b = load_checkpoint(run_b / "checkpoints" / "last.pt")
+    assert final_b["epoch"] == final_a["epoch"] == 2
+    _states_equal(final_a["model"], final_b["model"])
+    history_a, history_b = _history(run_a), _history(run_b)
+    assert [r["epoch"] for r in history_b] == [1, 2, 3]
+    for ra, rb in zip(history_a, history_b):
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    best_a = load_checkpoint(run_a / "checkpoints" / "best.pt")
+    best_b = load_checkpoint(run_b / "checkpoints" / "best.pt")
+    assert best_a["epoch"] == best_b["epoch"]
+    assert load_config(run_b / "config.yaml").train.epochs == 3
+
+
+def test_resume_without_checkpoint(make_config, tmp_path: Path) -> None:
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(RunError, match="checkpoint"):
+        fit(make_config(epochs=1), run_dir=empty)
+    with pytest.raises(RunError, match="no run"):
+        latest_run(tmp_path / "runs", "mvtec", CATEGORY)
+
+
+class _StepCounter(Callbacks):
+    def __init__(self) -> None:
+        self.epochs_done = 0
+        self.steps_this_epoch = 0
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        self.steps_this_epoch = step + 1
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        self.epochs_done += 1
+        self.steps_this_epoch = 0
+
+
+def test_non_finite_loss_names_epoch_and_step(make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = _StepCounter()
+    real_loss = training.vtadl_loss
+
+    def loss_that_breaks(*args: Any, **kwargs: Any) -> LossTerms:
+        terms = real_loss(*args, **kwargs)
+        # The second training step of the second epoch (validation runs without gradients).
+        if torch.is_grad_enabled() and counter.epochs_done == 1 and counter.steps_this_epoch == 1:
+            return terms._replace(total=terms.total * float("nan"))
+        return terms
+
+    monkeypatch.setattr(training, "vtadl_loss", loss_that_breaks)
+    cfg = make_config(epochs=3)
+    with pytest.raises(TrainingError) as excinfo:
+        fit(cfg, callbacks=counter)
+    message = str(excinfo.value)
+    assert "nan" in message
+    assert "epoch 2" in message and "step 2" in message
+    # The first epoch's checkpoint survives, and the message points at it.
+    run_dir = latest_run(cfg.train.out, "mvtec", CATEGORY)
+    assert str(run_dir / "checkpoints") in message
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 0
+    assert len(_history(run_dir)) == 1
+
+
+def test_huge_learning_rate_fails_cleanly(make_config) -> None:
+    # Without any patching: Adam's first step moves every weight by about lr = 1e30, so the
+    # second step's loss is no longer finite.
+    cfg = make_config(epochs=2, lr=1e30, grad_clip=0.0)
+    with pytest.raises(TrainingError, match=r"epoch 1, step 2\b"):
+        fit(cfg)
+    # No epoch finished, so no history line and no checkpoint was written.
+    parent = Path(cfg.train.out) / "mvtec" / CATEGORY
+    assert len(list(parent.glob("*/checkpoints"))) == 1
+    assert not list(parent.glob("*/history.jsonl"))
+    assert not list(parent.glob("*/checkpoints/*.pt"))
+
+
+def test_evaluate_run_writes_metrics_and_maps(three_epochs: tuple[Config, Path]) -> None:
+    _, run_dir = three_epochs
+    result = evaluate_run(run_dir)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == result
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert 0.0 <= saved[key] <= 1.0, key
+    assert saved["n_test"] == 4 + 4 * 2
+    assert saved["n_anomalous"] == 8
+    assert saved["best_epoch"] == load_checkpoint(run_dir / "checkpoints" / "best.pt")["epoch"] + 1
+    pngs = sorted((run_dir / "maps").glob("*.png"))
+    assert pngs
+    with Image.open(pngs[0]) as img:
+        assert img.width > 0 and img.height > 0
+    assert (run_dir / "calibration.json").is_file()
+
+
+def test_predict_writes_scores_and_heatmaps(
+    three_epochs: tuple[Config, Path], demo_root: Path, tmp_path: Path
+) -> None:
+    _, run_dir = three_epochs
+    folder = demo_root / CATEGORY / "test" / "good"
+    single = demo_root / CATEGORY / "test" / "stain" / "000.png"
+    out = tmp_path / "pred"
+    rows = predict(run_dir, [folder, single], out)
+    n_images = len(list(folder.glob("*.png"))) + 1
+    assert n_images == 5
+    saved = json.loads((out / "scores.json").read_text())
+    assert saved == rows
+    assert len(saved) == n_images
+    assert saved[-1]["image"] == str(single)
+    for row in saved:
+        assert math.isfinite(row["score"])
+        assert row["anomalous"] == (row["score"] > row["threshold"])
+        assert (out / row["heatmap"]).is_file()
+    assert len(list(out.glob("*.png"))) == n_images
