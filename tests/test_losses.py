@@ -233,3 +233,26 @@ def test_vtadl_loss_combines_weighted_terms(mdn_loss: str) -> None:
             images, rec, tokens, mix, w_mse=w_mse, w_ssim=w_ssim, w_nll=w_nll, mdn_loss=mdn_loss
         ).total
         torch.testing.assert_close(total.detach(), expected)
+
+
+def test_ssim_matches_a_direct_2d_gaussian_window() -> None:
+    """The separable implementation equals the textbook 2-D window with zero padding."""
+
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 20, 17), torch.rand(2, 3, 20, 17)
+    x = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t, w, padding=5, groups=3)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    direct = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    assert torch.allclose(ssim(a, b), direct.flatten(1).mean(1), atol=1e-5)
