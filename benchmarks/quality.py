@@ -115,9 +115,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     print(f"\nvariant {args.variant}, overrides {args.set or 'none'}")
-    print(
-        f"{'category':<10} {'':>9} {'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'time s':>7}"
-    )
+    head = f"{'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'time s':>7}"
+    print(f"{'category':<10} {'':>9} {head}")
     for row in rows:
         for who in ("model", "baseline"):
             if who in row:
