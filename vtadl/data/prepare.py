@@ -1,0 +1,78 @@
+"""From an index of samples to what training and evaluation consume.
+
+Training reads uint8 arrays at the model's input size, decoded once. The validation split
+is held out from the normal training images with a seeded draw; the test split is left to
+evaluation, which reads it at the original resolution for exact metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vtadl.data import index_dataset
+from vtadl.data.images import load_image
+from vtadl.data.samples import Sample
+from vtadl.exceptions import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+
+def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> Splits:
+    """Hold out `val_fraction` of the normal training images (at least one) for validation."""
+    train = [s for s in samples if s.split == "train"]
+    test = [s for s in samples if s.split == "test"]
+    if len(train) < 2:
+        raise DataError(
+            f"need at least 2 training images (one is held out for validation), found {len(train)}"
+        )
+    n_val = min(max(1, round(len(train) * val_fraction)), len(train) - 1)
+    order = np.random.default_rng(seed).permutation(len(train))
+    val_idx = set(order[:n_val].tolist())
+    return Splits(
+        train=[s for i, s in enumerate(train) if i not in val_idx],
+        val=[s for i, s in enumerate(train) if i in val_idx],
+        test=test,
+    )
+
+
+def index_splits(dataset: str, root: str, category: str, val_fraction: float, seed: int) -> Splits:
+    splits = split_samples(index_dataset(dataset, root, category), val_fraction, seed)
+    log.info(
+        "%s/%s: %d train, %d validation, %d test images",
+        dataset, category, len(splits.train), len(splits.val), len(splits.test),
+    )
+    return splits
+
+
+def load_arrays(samples: Sequence[Sample], size: int) -> np.ndarray:
+    """Decode and resize images to (N, size, size, 3) uint8."""
+    out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    for i, s in enumerate(samples):
+        out[i] = load_image(s.image, size)
+    return out
+
+
+class ImageArray(Dataset):
+    """uint8 (N, H, W, C) images -> float tensors (C, H, W) in [0, 1]."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255)
