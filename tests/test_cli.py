@@ -185,8 +185,12 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         assert img.size == (32, 32)
     Image.new("L", (16, 24), 255).save(mask)
     runs = tmp_path / "runs"
-    # Training succeeds; evaluating its test split meets the mismatch.
+    # Packing (the default) reads every mask first: the run fails before any training.
     result = runner.invoke(app, _train_args(demo_copy, runs, "--json"))
+    _one_line_error(result, str(mask), "24x16", "32x32")
+    assert not (runs / "mvtec").exists()
+    # Reading the files directly, training succeeds and evaluation meets the mismatch.
+    result = runner.invoke(app, _train_args(demo_copy, runs, "--json", "--pack", "none"))
     _one_line_error(result, str(mask), "24x16", "32x32")
     (run_dir,) = (runs / "mvtec" / CATEGORY).iterdir()
     assert (run_dir / "checkpoints" / "best.pt").is_file()

@@ -111,9 +111,15 @@ def _print_metrics(result: dict, run_dir: Path, as_json: bool) -> None:
 @app.command()
 @handle_errors
 def train(
-    dataset: str = typer.Option("mvtec", help="Dataset layout: mvtec."),
+    dataset: str = typer.Option("mvtec", help="mvtec, btad, mnist or folder."),
     root: Path | None = typer.Option(None, help="Folder that holds the category folders."),
     category: str | None = typer.Option(None, help="Product category, e.g. bottle."),
+    pack: str | None = typer.Option(
+        None, help="auto (pack once into a cache, default), none (read files), or a .h5 path."
+    ),
+    tile: int | None = typer.Option(None, help="Train on native-resolution tiles of this size."),
+    tile_overlap: int | None = typer.Option(None, help="Overlap of neighbouring tiles (pixels)."),
+    num_workers: int | None = typer.Option(None, help="Data loader worker processes."),
     variant: str | None = typer.Option(
         None, help="vtadl_paper (default), vtadl_small, vtadl_tiny."
     ),
@@ -149,6 +155,7 @@ def train(
         root=root,
         category=category,
         resume=resume,
+        data=dict(pack=pack, tile=tile, tile_overlap=tile_overlap, num_workers=num_workers),
         model=dict(img_size=image_size, n_gaussians=n_gaussians, noise_std=noise_std),
         train=dict(
             epochs=epochs,

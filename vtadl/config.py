@@ -50,6 +50,13 @@ class DataConfig:
     root: str = "data/mvtec"
     category: str = ""
     val_fraction: float = 0.1
+    # "auto": pack once into pack_cache (default <out>/packs) and read the pack; a path: use
+    # that pack; "none": decode the image files every run.
+    pack: str = "auto"
+    pack_cache: str = ""
+    # Native-resolution tiles of this size (0: off) instead of resizing whole images.
+    tile: int = 0
+    tile_overlap: int = 0
     augment: bool = False
     num_workers: int = 0
 
@@ -202,6 +209,11 @@ def validate(c: Config) -> Config:
         (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
         (0 < d.val_fraction < 1, f"val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (
+            d.tile >= 0 and 0 <= d.tile_overlap < max(d.tile, 1),
+            f"tiles need tile >= 0 and 0 <= overlap < tile, got {d.tile} and {d.tile_overlap}",
+        ),
+        (d.num_workers >= 0, f"num_workers must not be negative, got {d.num_workers}"),
         (e.score in SCORES, f"score must be one of {SCORES}, got {e.score!r}"),
         (
             e.image_score in IMAGE_SCORES,

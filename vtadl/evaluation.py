@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,9 @@ from scipy.ndimage import gaussian_filter
 
 from vtadl import metrics
 from vtadl.config import Config, EvalConfig
-from vtadl.data.images import image_size, load_image, load_mask
-from vtadl.data.prepare import index_splits, load_arrays
-from vtadl.data.samples import Sample
+from vtadl.data.images import load_image
+from vtadl.data.source import Source, category_source
+from vtadl.data.tiles import cut_tiles, stitch_tiles
 from vtadl.exceptions import DataError, RunError
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.model import VTADL, Mixture
@@ -102,34 +102,8 @@ def image_score(amap: np.ndarray, how: str = "max") -> float:
     return float(np.partition(flat, flat.size - k)[-k:].mean())
 
 
-def calibrate(
-    model: VTADL, val_images: np.ndarray, config: Config, device: torch.device
-) -> Calibration:
-    nll, rec = raw_scores(model, val_images, config, device)
-    up = _standardised(nll, rec, None, "nll")
-    base = Calibration(
-        nll_mean=float(up.mean()),
-        nll_std=float(up.std()) + 1e-8,
-        rec_mean=float(rec.mean()),
-        rec_std=float(rec.std()) + 1e-8,
-        image_threshold=0.0,
-        display_low=0.0,
-        display_high=1.0,
-    )
-    e = config.eval
-    maps = _standardised(nll, rec, base, e.score)
-    size = val_images.shape[1:3]
-    final = np.stack([to_original(m, size, e.smoothing_sigma) for m in maps])
-    threshold = max(image_score(m, e.image_score) for m in final)
-    low = float(np.median(final))
-    return Calibration(
-        **{
-            **asdict(base),
-            "image_threshold": threshold,
-            "display_low": low,
-            "display_high": low + 2 * max(threshold - low, 1e-6),
-        }
-    )
+def _smooth(amap: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_filter(amap, sigma) if sigma > 0 else amap
 
 
 class Scorer:
@@ -149,17 +123,13 @@ class Scorer:
             self.config = self.config.override(eval=overrides)
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
+        self._source: Source | None = None
         # The calibration of the run's own score is kept; other scores are calibrated afresh.
         cal_path = self.run_dir / "calibration.json"
         if cal_path.exists() and not overrides:
             self.calibration = Calibration(**json.loads(cal_path.read_text()))
         else:
-            c = self.config
-            splits = index_splits(
-                c.data.dataset, c.data.root, c.data.category, c.data.val_fraction, c.train.seed
-            )
-            val = load_arrays(splits.val, c.model.img_size)
-            self.calibration = calibrate(self.model, val, c, self.device)
+            self.calibration = self._calibrate()
             if not overrides:
                 cal_path.write_text(json.dumps(asdict(self.calibration), indent=2))
 
@@ -167,17 +137,58 @@ class Scorer:
     def eval(self) -> EvalConfig:
         return self.config.eval
 
-    def maps(self, paths: Sequence[Path], shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        size = self.config.model.img_size
-        images = np.stack([load_image(p, size) for p in paths])
-        nll, rec = raw_scores(self.model, images, self.config, self.device)
-        small = _standardised(nll, rec, self.calibration, self.eval.score)
-        return [to_original(m, s, self.eval.smoothing_sigma) for m, s in zip(small, shapes)]
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = category_source(self.config)
+        return self._source
 
+    def raw(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return raw_scores(self.model, inputs, self.config, self.device)
 
-def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+    def image_map(
+        self,
+        raw: tuple[np.ndarray, np.ndarray],
+        corners: np.ndarray | None,
+        shape: tuple[int, int],
+        calibration: Calibration | None = None,
+    ) -> np.ndarray:
+        """One image's map at its original resolution, from the raw scores of its input(s)."""
+        small = _standardised(*raw, calibration or self.calibration, self.eval.score)
+        if corners is None:
+            return to_original(small[0], shape, self.eval.smoothing_sigma)
+        return _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
+
+    def _calibrate(self) -> Calibration:
+        """Standardisation and threshold from the validation images (normal, held out)."""
+        src = self.source
+        items = src.items("val")
+        inputs = [src.model_input("val", i) for i in range(len(items))]
+        raws = [self.raw(x) for x, _ in inputs]
+        nll = np.concatenate([r[0] for r in raws])
+        rec = np.concatenate([r[1] for r in raws])
+        up = _standardised(nll, rec, None, "nll")
+        base = Calibration(
+            nll_mean=float(up.mean()),
+            nll_std=float(up.std()) + 1e-8,
+            rec_mean=float(rec.mean()),
+            rec_std=float(rec.std()) + 1e-8,
+            image_threshold=0.0,
+            display_low=0.0,
+            display_high=1.0,
+        )
+        maps = [
+            self.image_map(raw, corners, item.shape, base)
+            for raw, (_, corners), item in zip(raws, inputs, items)
+        ]
+        threshold = max(image_score(m, self.eval.image_score) for m in maps)
+        low = float(np.median(np.concatenate([m.ravel() for m in maps])))
+        return replace(
+            base,
+            image_threshold=threshold,
+            display_low=low,
+            display_high=low + 2 * max(threshold - low, 1e-6),
+        )
 
 
 def evaluate_run(
@@ -192,28 +203,24 @@ def evaluate_run(
     metrics.json records which way.
     """
     scorer = Scorer(run_dir, eval_overrides=eval_overrides)
-    c = scorer.config
-    splits = index_splits(
-        c.data.dataset, c.data.root, c.data.category, c.data.val_fraction, c.train.seed
-    )
-    if not splits.test:
+    c, src = scorer.config, scorer.source
+    items = src.items("test")
+    if not items:
         raise DataError(f"{c.data.dataset}/{c.data.category} has no test images")
-    shapes = [image_size(s.image) for s in splits.test]
-    maps: list[np.ndarray] = []
-    for chunk in _chunks(list(range(len(splits.test))), 16):
-        maps += scorer.maps([splits.test[i].image for i in chunk], [shapes[i] for i in chunk])
+    maps, masks = [], []
+    for i, item in enumerate(items):
+        inputs, corners = src.model_input("test", i)
+        maps.append(scorer.image_map(scorer.raw(inputs), corners, item.shape))
+        masks.append(src.mask("test", i))
         if progress:
-            progress(len(maps), len(splits.test))
-    masks = [
-        load_mask(s.mask, shape) if s.mask else np.zeros(shape, dtype=bool)
-        for s, shape in zip(splits.test, shapes)
-    ]
-    labels = np.array([s.label for s in splits.test])
+            progress(i + 1, len(items))
+    labels = np.array([it.label for it in items])
     scores = np.array([image_score(m, scorer.eval.image_score) for m in maps])
+    has_masks = any(m.any() for m in masks)  # MNIST has image-level labels only
     result = {
         "image_auroc": metrics.image_auroc(scores, labels),
-        "pixel_auroc": metrics.pixel_auroc(maps, masks),
-        "au_pro": metrics.au_pro(maps, masks, fpr_limit=0.3),
+        "pixel_auroc": metrics.pixel_auroc(maps, masks) if has_masks else None,
+        "au_pro": metrics.au_pro(maps, masks, fpr_limit=0.3) if has_masks else None,
         "au_pro_fpr_limit": 0.3,
         "n_test": len(labels),
         "n_anomalous": int(labels.sum()),
@@ -229,26 +236,26 @@ def evaluate_run(
     }
     run = Path(run_dir)
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
-    _write_sample_maps(run / "maps", splits.test, maps, masks, scorer.calibration, c.eval.n_maps)
+    _write_sample_maps(run / "maps", src, items, maps, masks, scorer.calibration, c.eval.n_maps)
     return result
 
 
-def _write_sample_maps(out: Path, samples: Sequence[Sample], maps, masks, cal: Calibration, n: int):
+def _write_sample_maps(out: Path, src: Source, items, maps, masks, cal: Calibration, n: int):
     """Heat maps for up to `n` test images, spread over the defect types."""
     out.mkdir(parents=True, exist_ok=True)
     by_defect: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_defect.setdefault(s.defect, []).append(i)
+    for i, item in enumerate(items):
+        by_defect.setdefault(item.defect, []).append(i)
     chosen: list[int] = []
-    while len(chosen) < min(n, len(samples)):
+    while len(chosen) < min(n, len(items)):
         for idx in by_defect.values():
             if idx and len(chosen) < n:
                 chosen.append(idx.pop(0))
     for i in chosen:
-        s = samples[i]
+        stem = Path(items[i].name.split("#")[0]).stem + items[i].name.partition("#")[2]
         save_heatmap(
-            out / f"{s.defect}_{s.image.stem}.png",
-            load_image(s.image),
+            out / f"{items[i].defect}_{stem}.png",
+            src.display_image("test", i),
             maps[i],
             masks[i],
             cal.display_low,
@@ -278,22 +285,25 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cal, rows = scorer.calibration, []
-    for chunk in _chunks(paths, 16):
-        shapes = [image_size(p) for p in chunk]
-        for path, amap in zip(chunk, scorer.maps(chunk, shapes)):
-            score = image_score(amap, scorer.eval.image_score)
-            name = f"{len(rows):04d}_{path.stem}.png"
-            save_heatmap(
-                out / name, load_image(path), amap, None, cal.display_low, cal.display_high
-            )
-            rows.append(
-                {
-                    "image": str(path),
-                    "score": score,
-                    "threshold": cal.image_threshold,
-                    "anomalous": score > cal.image_threshold,
-                    "heatmap": name,
-                }
-            )
+    d, size = scorer.config.data, scorer.config.model.img_size
+    for path in paths:
+        image = load_image(path)
+        if d.tile:
+            inputs_, corners = cut_tiles(image, d.tile, d.tile_overlap)
+        else:
+            inputs_, corners = load_image(path, size)[None], None
+        amap = scorer.image_map(scorer.raw(inputs_), corners, image.shape[:2])
+        score = image_score(amap, scorer.eval.image_score)
+        name = f"{len(rows):04d}_{path.stem}.png"
+        save_heatmap(out / name, image, amap, None, cal.display_low, cal.display_high)
+        rows.append(
+            {
+                "image": str(path),
+                "score": score,
+                "threshold": cal.image_threshold,
+                "anomalous": score > cal.image_threshold,
+                "heatmap": name,
+            }
+        )
     (out / "scores.json").write_text(json.dumps(rows, indent=2))
     return rows

@@ -21,6 +21,7 @@ def train_config(
     root: str | Path | None = None,
     category: str | None = None,
     resume: bool = False,
+    data: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     eval: dict[str, Any] | None = None,
@@ -53,7 +54,10 @@ def train_config(
             )
     else:
         cfg = default_config(variant or "vtadl_paper")
-    data = _given({"dataset": dataset, "root": str(root) if root else None, "category": category})
+    data = _given(
+        {"dataset": dataset, "root": str(root) if root else None, "category": category}
+        | (data or {})
+    )
     cfg = cfg.override(model=model, train=train, data=data, eval=eval)
     if not cfg.data.category:
         raise ConfigError("no category given (--category NAME)")

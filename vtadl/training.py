@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vtadl.config import Config, save_config, validate
-from vtadl.data.prepare import ImageArray, index_splits, load_arrays
+from vtadl.data.source import category_source
 from vtadl.exceptions import RunError, TrainingError
 from vtadl.losses import vtadl_loss
 from vtadl.model import VTADL, build_model
@@ -103,11 +103,9 @@ class _Batches:
 
 
 def _loaders(config: Config) -> _Batches:
-    d, t = config.data, config.train
-    splits = index_splits(d.dataset, d.root, d.category, d.val_fraction, t.seed)
-    size = config.model.img_size
-    train = ImageArray(load_arrays(splits.train, size))
-    val = ImageArray(load_arrays(splits.val, size))
+    t, workers = config.train, config.data.num_workers
+    source = category_source(config)
+    train, val = source.dataset("train"), source.dataset("val")
     # Shuffling draws from the sampler's generator, reseeded each epoch in `fit`.
     gen = torch.Generator()
     return _Batches(
@@ -117,9 +115,10 @@ def _loaders(config: Config) -> _Batches:
             shuffle=True,
             generator=gen,
             drop_last=len(train) > t.batch_size,
-            num_workers=d.num_workers,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         ),
-        val=DataLoader(val, batch_size=t.batch_size, num_workers=d.num_workers),
+        val=DataLoader(val, batch_size=t.batch_size, num_workers=workers),
     )
 
 
@@ -222,7 +221,7 @@ def fit(
             optimizer.step()
             sums += np.array([float(v.detach()) for v in terms]) * len(images)
             n += len(images)
-            callbacks.on_step(epoch, step, float(terms.total))
+            callbacks.on_step(epoch, step, float(terms.total.detach()))
         record = {
             "epoch": epoch + 1,
             **dict(zip(("loss", "mse", "ssim", "nll"), (sums / n).tolist())),

@@ -18,14 +18,9 @@ def colourise(amap: np.ndarray, low: float, high: float) -> np.ndarray:
     return (colormaps["inferno"](scaled)[..., :3] * 255).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, low: float, high: float, alpha: float = 0.5):
-    heat = colourise(amap, low, high).astype(np.float32)
-    return (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)
-
-
 def outline(mask: np.ndarray) -> np.ndarray:
     mask = mask.astype(bool)
-    return mask & ~binary_erosion(mask, iterations=max(1, max(mask.shape) // 256))
+    return mask & ~binary_erosion(mask)
 
 
 def save_heatmap(
@@ -36,15 +31,18 @@ def save_heatmap(
     low: float,
     high: float,
 ) -> None:
-    """Write [image | overlay (with the defect's outline in green) | heat map] as one PNG."""
-    over = overlay(image, amap, low, high)
-    if mask is not None and mask.any():
-        over[outline(mask)] = (0, 255, 0)
-    panels = [image, over, colourise(amap, low, high)]
-    h, w = image.shape[:2]
+    """Write [image | overlay (with the defect's outline in green) | heat map] as one PNG.
+
+    The map sets the geometry (the image's original size); the image may come at another size
+    (from a pack, at the model's input size) and is resized to it. Panels are at most 512 px.
+    """
+    h, w = amap.shape
     scale = min(1.0, MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    strip = np.concatenate(
-        [np.asarray(Image.fromarray(p).resize(size, Image.BILINEAR)) for p in panels], axis=1
-    )
-    Image.fromarray(strip).save(path)
+    picture = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    heat = np.asarray(Image.fromarray(colourise(amap, low, high)).resize(size, Image.BILINEAR))
+    over = (picture.astype(np.float32) * 0.5 + heat.astype(np.float32) * 0.5).astype(np.uint8)
+    if mask is not None and mask.any():
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST))
+        over[outline(small > 127)] = (0, 255, 0)
+    Image.fromarray(np.concatenate([picture, over, heat], axis=1)).save(path)

@@ -8,8 +8,8 @@ evaluation, which reads it at the original resolution for exact metrics.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,11 @@ def index_splits(dataset: str, root: str, category: str, val_fraction: float, se
     splits = split_samples(index_dataset(dataset, root, category), val_fraction, seed)
     log.info(
         "%s/%s: %d train, %d validation, %d test images",
-        dataset, category, len(splits.train), len(splits.val), len(splits.test),
+        dataset,
+        category,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
     )
     return splits
 
