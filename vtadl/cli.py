@@ -119,7 +119,16 @@ def train(
     ),
     tile: int | None = typer.Option(None, help="Train on native-resolution tiles of this size."),
     tile_overlap: int | None = typer.Option(None, help="Overlap of neighbouring tiles (pixels)."),
-    num_workers: int | None = typer.Option(None, help="Data loader worker processes."),
+    loader_workers: int | None = typer.Option(None, help="Data loader processes per worker."),
+    strategy: str | None = typer.Option(None, help="single (this process), ddp or deepspeed."),
+    num_workers: int | None = typer.Option(None, help="Ray Train workers (ddp, deepspeed)."),
+    gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray Train worker."),
+    cpus_per_worker: float | None = typer.Option(None, help="CPUs per Ray Train worker."),
+    ray_address: str | None = typer.Option(
+        None, help="Ray cluster to join: auto or host:port (default: start a local one)."
+    ),
+    zero_stage: int | None = typer.Option(None, help="DeepSpeed ZeRO stage 0-3."),
+    deepspeed_config: Path | None = typer.Option(None, help="DeepSpeed JSON config (experts)."),
     variant: str | None = typer.Option(
         None, help="vtadl_paper (default), vtadl_small, vtadl_tiny."
     ),
@@ -155,7 +164,7 @@ def train(
         root=root,
         category=category,
         resume=resume,
-        data=dict(pack=pack, tile=tile, tile_overlap=tile_overlap, num_workers=num_workers),
+        data=dict(pack=pack, tile=tile, tile_overlap=tile_overlap, num_workers=loader_workers),
         model=dict(img_size=image_size, n_gaussians=n_gaussians, noise_std=noise_std),
         train=dict(
             epochs=epochs,
@@ -166,6 +175,13 @@ def train(
             device=device,
             seed=seed,
             out=str(out_dir) if out_dir else None,
+            strategy=strategy,
+            num_workers=num_workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            ray_address=ray_address,
+            zero_stage=zero_stage,
+            deepspeed_config=str(deepspeed_config) if deepspeed_config else None,
         ),
         eval=dict(score=score),
     )

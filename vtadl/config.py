@@ -21,6 +21,7 @@ MDN_CONDITIONS = ("token", "position")
 SCORES = ("nll", "nll+recon", "recon")
 IMAGE_SCORES = ("max", "mean", "top1pct")
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("single", "ddp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,16 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "runs"
+    # single: this process. ddp / deepspeed: `num_workers` Ray Train workers; batch_size is
+    # the global batch, split evenly over them.
+    strategy: str = "single"
+    num_workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    ray_address: str = ""  # "" starts a local Ray instance; "auto" or host:port joins one
+    zero_stage: int = 2
+    deepspeed_config: str = ""  # a DeepSpeed JSON file for experts; replaces the generated one
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
 
 
 @dataclass(frozen=True)
@@ -208,6 +219,14 @@ def validate(c: Config) -> Config:
         (t.lr > 0, f"learning rate must be positive, got {t.lr}"),
         (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
+        (t.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {t.strategy!r}"),
+        (t.num_workers >= 1, f"num_workers must be at least 1, got {t.num_workers}"),
+        (
+            t.batch_size % t.num_workers == 0,
+            f"batch size {t.batch_size} must divide evenly over {t.num_workers} workers",
+        ),
+        (t.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}"),
+        (t.max_failures >= 0, f"max_failures must not be negative, got {t.max_failures}"),
         (0 < d.val_fraction < 1, f"val_fraction must be in (0, 1), got {d.val_fraction}"),
         (
             d.tile >= 0 and 0 <= d.tile_overlap < max(d.tile, 1),

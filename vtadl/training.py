@@ -13,14 +13,13 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from vtadl.config import Config, save_config, validate
 from vtadl.data.source import category_source
@@ -96,43 +95,60 @@ def model_from_checkpoint(path: str | Path) -> tuple[Config, VTADL, dict[str, An
     return config, model.eval(), state
 
 
-@dataclass
-class _Batches:
-    train: DataLoader
-    val: DataLoader
+class EpochBatches(Sampler[list[int]]):
+    """Global batches of a seeded permutation per epoch; each worker takes its slice.
+
+    Worker r of w gets items r, r+w, ... of each global batch, so the workers of a
+    distributed run see exactly the global batches a single process would see, whatever
+    their number. Call `set_epoch` before iterating.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+        # A last partial batch is dropped, unless it is the only one.
+        self.n_batches = max(1, n // batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        return [
+            perm[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.n_batches)
+        ]
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield batch[self.rank :: self.world].tolist()
+
+    def __len__(self) -> int:
+        return self.n_batches
 
 
-def _loaders(config: Config) -> _Batches:
-    t, workers = config.train, config.data.num_workers
-    source = category_source(config)
-    train, val = source.dataset("train"), source.dataset("val")
-    # Shuffling draws from the sampler's generator, reseeded each epoch in `fit`.
-    gen = torch.Generator()
-    return _Batches(
-        train=DataLoader(
-            train,
-            batch_size=t.batch_size,
-            shuffle=True,
-            generator=gen,
-            drop_last=len(train) > t.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        ),
-        val=DataLoader(val, batch_size=t.batch_size, num_workers=workers),
+def _flips(seed: int, epoch: int, step: int, batch: int, rank: int, world: int) -> torch.Tensor:
+    """Horizontal and vertical flip decisions (2, local batch) for one step, drawn for the
+    global batch so that they do not depend on the number of workers."""
+    gen = torch.Generator().manual_seed(seed * 100_019 + epoch * 10_007 + step)
+    return (torch.rand(2, batch, generator=gen) < 0.5)[:, rank::world]
+
+
+def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    flip_h, flip_v = (
+        flips[0, : len(images), None, None, None],
+        flips[1, : len(images), None, None, None],
     )
+    images = torch.where(flip_h.to(images.device), images.flip(3), images)
+    return torch.where(flip_v.to(images.device), images.flip(2), images)
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal and vertical flips, drawn from `gen` so a resumed run repeats them."""
-    flip_h, flip_v = torch.rand(2, images.shape[0], generator=gen) < 0.5
-    images = torch.where(flip_h[:, None, None, None], images.flip(3), images)
-    return torch.where(flip_v[:, None, None, None], images.flip(2), images)
-
-
-def _loss(model: VTADL, images: torch.Tensor, config: Config):
+def _loss(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None):
     t = config.train
-    with autocast(images.device, t.precision):
-        out = model(images)
+    with autocast(images.device, "fp32" if cast else t.precision):
+        out = model(images.to(cast) if cast else images)
     return vtadl_loss(
         images,
         out.reconstruction,
@@ -146,67 +162,137 @@ def _loss(model: VTADL, images: torch.Tensor, config: Config):
 
 
 @torch.no_grad()
-def validation_loss(model: VTADL, loader: DataLoader, config: Config, device: torch.device):
+def validation_loss(
+    model: VTADL, loader: DataLoader, config: Config, device: torch.device, cast=None
+):
     model.eval()
     sums, n = np.zeros(4), 0
     for images in loader:
         images = images.to(device)
-        sums += np.array([float(v) for v in _loss(model, images, config)]) * len(images)
+        sums += np.array([float(v) for v in _loss(model, images, config, cast)]) * len(images)
         n += len(images)
     return dict(zip(("val_loss", "val_mse", "val_ssim", "val_nll"), (sums / n).tolist()))
+
+
+class Engine:
+    """A model and its optimiser as the loop drives them; subclassed for DeepSpeed."""
+
+    cast: torch.dtype | None = None  # input dtype when the engine keeps the model in it
+
+    def __init__(self, model: VTADL, optimizer, grad_clip: float, wrapped=None) -> None:
+        self.module, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.forward_module = wrapped or model
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class Workers:
+    """Where the loop runs. This base class is one process; `vtadl.distributed` subclasses
+    it for Ray Train workers (DDP or DeepSpeed)."""
+
+    rank, world = 0, 1
+
+    def device(self, config: Config) -> torch.device:
+        return pick_device(config.train.device)
+
+    def engine(self, model: VTADL, config: Config) -> Engine:
+        t = config.train
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return Engine(model, optimizer, t.grad_clip)
+
+    def checkpoint_to_resume(self, run_dir: Path) -> dict[str, Any] | None:
+        path = run_dir / "checkpoints" / LAST
+        return load_checkpoint(path) if path.exists() else None
+
+    def restore(self, engine: Engine, state: dict[str, Any], run_dir: Path) -> None:
+        engine.load(state)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def report(self, record: dict, state: dict, run_dir: Path, engine: Engine) -> None:
+        """After each epoch, once rank 0 has written the run folder."""
 
 
 def fit(
     config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
 ) -> Path:
-    """Train `config` in this process; with `run_dir`, resume that run. Returns the run folder."""
+    """Train `config` with its strategy; with `run_dir`, resume that run. Returns the run folder."""
     config = validate(config)
-    callbacks = callbacks or Callbacks()
-    t = config.train
-    device = pick_device(t.device)
-    resume = run_dir is not None
-    run_dir = Path(run_dir) if resume else new_run_dir(config)
-    ckpt_dir = run_dir / "checkpoints"
+    if run_dir is not None and not (Path(run_dir) / "checkpoints" / LAST).is_file():
+        raise RunError(f"no checkpoint to resume in {run_dir}")
+    if config.train.strategy != "single":
+        from vtadl.distributed import fit_distributed
 
+        return fit_distributed(config, run_dir=run_dir, callbacks=callbacks)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    train_loop(config, run_dir, Workers(), callbacks or Callbacks())
+    return run_dir
+
+
+def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callbacks) -> None:
+    """The loop itself, the same in one process and in every distributed worker."""
+    t, rank, world = config.train, workers.rank, workers.world
+    lead = rank == 0
+    ckpt_dir = run_dir / "checkpoints"
+    device = workers.device(config)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    batches = _loaders(config)
-    model = build_model(config.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    source = category_source(config)
+    train_set, val_set = source.dataset("train"), source.dataset("val")
+    sampler = EpochBatches(len(train_set), t.batch_size, seed=t.seed, rank=rank, world=world)
+    nw = config.data.num_workers
+    train_loader = DataLoader(
+        train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0
+    )
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw)
+    engine = workers.engine(build_model(config.model).to(device), config)
+    # Noise on the tokens is drawn per worker.
+    torch.manual_seed(t.seed + rank)
+
     start, best = 0, math.inf
-    if resume:
-        state = load_checkpoint(ckpt_dir / LAST)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = workers.checkpoint_to_resume(run_dir)
+    if state is not None:
+        workers.restore(engine, state, run_dir)
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best_val_loss"]
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
-        if start >= t.epochs:
-            log.info("run %s already finished %d epochs", run_dir, t.epochs)
-        _truncate_history(run_dir / "history.jsonl", start)
-        (run_dir / "calibration.json").unlink(missing_ok=True)
-    else:
-        ckpt_dir.mkdir(parents=True)
-    save_config(config, run_dir / "config.yaml")
-    writer = _tensorboard(run_dir)
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+        if lead:
+            _truncate_history(run_dir / "history.jsonl", start)
+            (run_dir / "calibration.json").unlink(missing_ok=True)
+    if lead:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    writer = _tensorboard(run_dir) if lead else None
 
-    callbacks.on_train_start(run_dir, t.epochs, len(batches.train))
-    aug_gen = torch.Generator()
+    callbacks.on_train_start(run_dir, t.epochs, len(train_loader))
     for epoch in range(start, t.epochs):
-        model.train()
-        batches.train.generator.manual_seed(t.seed * 100_003 + epoch)
-        aug_gen.manual_seed(t.seed * 100_019 + epoch)
-        tic, sums, n = time.perf_counter(), np.zeros(4), 0
-        for step, images in enumerate(batches.train):
+        engine.module.train()
+        sampler.set_epoch(epoch)
+        tic, sums = time.perf_counter(), np.zeros(5)
+        for step, images in enumerate(train_loader):
             images = images.to(device, non_blocking=True)
             if config.data.augment:
-                images = _augment(images, aug_gen)
-            terms = _loss(model, images, config)
+                images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
+            terms = _loss(engine.forward_module, images, config, engine.cast)
             if not torch.isfinite(terms.total):
                 raise TrainingError(
-                    f"loss became {float(terms.total)} at epoch {epoch + 1}, step {step + 1} "
-                    f"(mse {float(terms.mse):.4g}, nll {float(terms.nll):.4g}); "
+                    f"loss became {float(terms.total.detach())} at epoch {epoch + 1}, "
+                    f"step {step + 1} (mse {float(terms.mse):.4g}, nll {float(terms.nll):.4g}); "
                     + (
                         f"the last good checkpoint is in {ckpt_dir}; "
                         if (ckpt_dir / LAST).exists()
@@ -214,45 +300,45 @@ def fit(
                     )
                     + "try a lower learning rate"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            sums += np.array([float(v.detach()) for v in terms]) * len(images)
-            n += len(images)
+            engine.step(terms.total)
+            sums += np.array([*(float(v.detach()) for v in terms), 1.0]) * len(images)
             callbacks.on_step(epoch, step, float(terms.total.detach()))
+        sums = workers.all_sum(sums)
         record = {
             "epoch": epoch + 1,
-            **dict(zip(("loss", "mse", "ssim", "nll"), (sums / n).tolist())),
+            **dict(zip(("loss", "mse", "ssim", "nll"), (sums[:4] / sums[4]).tolist())),
         }
-        record.update(validation_loss(model, batches.val, config, device))
+        record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
         record["seconds"] = round(time.perf_counter() - tic, 3)
-        record["images_per_second"] = round(n / record["seconds"], 3)
+        record["images_per_second"] = round(sums[4] / record["seconds"], 3)
+        record["global_batch_size"] = t.batch_size
+        record["per_worker_batch_size"] = len(range(rank, min(t.batch_size, len(train_set)), world))
+        record["workers"] = world
         is_best = record["val_loss"] < best
         best = min(best, record["val_loss"])
         record["best"] = is_best
         state = {
             "config": config.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            **engine.state(),
             "epoch": epoch,
             "rng": torch.get_rng_state(),
             "best_val_loss": best,
             "record": record,
         }
-        save_checkpoint(ckpt_dir / LAST, **state)
-        if is_best:
-            save_checkpoint(ckpt_dir / BEST, **state)
-        with open(run_dir / "history.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll", "images_per_second"):
-            writer.add_scalar(key, record[key], epoch + 1)
-        writer.flush()
+        if lead:
+            save_checkpoint(ckpt_dir / LAST, **state)
+            if is_best:
+                save_checkpoint(ckpt_dir / BEST, **state)
+            with open(run_dir / "history.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll", "images_per_second"):
+                writer.add_scalar(key, record[key], epoch + 1)
+            writer.flush()
+        workers.report(record, state, run_dir, engine)
         log.info("epoch %d: %s", epoch + 1, record)
         callbacks.on_epoch_end(record)
-    writer.close()
-    return run_dir
+    if writer is not None:
+        writer.close()
 
 
 def _truncate_history(path: Path, epochs_done: int) -> None:
