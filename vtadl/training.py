@@ -271,10 +271,10 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best_val_loss"]
         log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
-        if lead:
-            _truncate_history(run_dir / "history.jsonl", start)
-            (run_dir / "calibration.json").unlink(missing_ok=True)
     if lead:
+        # A restarted worker group may begin before epochs the history already shows.
+        _truncate_history(run_dir / "history.jsonl", start)
+        (run_dir / "calibration.json").unlink(missing_ok=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     writer = _tensorboard(run_dir) if lead else None
@@ -310,7 +310,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
         }
         record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
         record["seconds"] = round(time.perf_counter() - tic, 3)
-        record["images_per_second"] = round(sums[4] / record["seconds"], 3)
+        record["images_per_second"] = round(float(sums[4]) / record["seconds"], 3)
         record["global_batch_size"] = t.batch_size
         record["per_worker_batch_size"] = len(range(rank, min(t.batch_size, len(train_set)), world))
         record["workers"] = world

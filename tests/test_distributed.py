@@ -1,0 +1,147 @@
+"""Ray Train with DDP and DeepSpeed on 2 CPU workers: real Ray, real gloo, real DeepSpeed.
+
+One private local Ray instance serves the module. With the same seed and global batch and no
+token noise (the only per-worker randomness), 2 DDP or DeepSpeed workers compute the same
+gradients as one process up to float summation order, so their results must match the
+single-process run closely: validation losses to 1e-4 (relative), weights to 1e-3 (absolute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtadl.config import default_config
+from vtadl.distributed import deepspeed_config
+from vtadl.evaluation import evaluate_run
+from vtadl.exceptions import ConfigError
+from vtadl.training import fit, load_checkpoint
+
+ray = pytest.importorskip("ray")
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(root: Path, out: Path, **train):
+    return default_config("vtadl_tiny").override(
+        model={"noise_std": 0.0},
+        data={"root": str(root), "category": "brick"},
+        train={"epochs": EPOCHS, "batch_size": 4, "out": str(out), "seed": 3, **train},
+    )
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, demo_root: Path, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    return {
+        "single": fit(_config(demo_root, out / "single")),
+        "ddp": fit(_config(demo_root, out / "ddp", strategy="ddp", num_workers=2)),
+        "deepspeed": fit(
+            _config(demo_root, out / "ds", strategy="deepspeed", num_workers=2, zero_stage=2)
+        ),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_distributed_matches_single_process(runs: dict[str, Path], strategy: str) -> None:
+    run, ref = runs[strategy], runs["single"]
+    history, ref_history = _history(run), _history(ref)
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(h["workers"] == 2 and h["per_worker_batch_size"] == 2 for h in history)
+    for h, r in zip(history, ref_history, strict=True):
+        assert h["val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+        assert h["loss"] == pytest.approx(r["loss"], rel=1e-4)
+    a = load_checkpoint(run / "checkpoints" / "last.pt")
+    b = load_checkpoint(ref / "checkpoints" / "last.pt")
+    assert a["config"]["train"]["strategy"] == strategy
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, atol=1e-3, rtol=0)
+    assert (run / "checkpoints" / "best.pt").is_file()
+    assert sorted(p.name for p in (run / "ray" / "ray_train").glob("epoch_*"))[-1] == "epoch_0003"
+
+
+def test_metrics_from_rank_zero_match_single_process(runs: dict[str, Path]) -> None:
+    ref = evaluate_run(runs["single"])
+    got = evaluate_run(runs["ddp"])
+    assert got["n_test"] == ref["n_test"]  # the whole test split, not a shard
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert got[key] == pytest.approx(ref[key], abs=0.02)
+
+
+def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, demo_root, tmp_path) -> None:
+    config = _config(demo_root, tmp_path, strategy="ddp", num_workers=2, epochs=5, max_failures=1)
+    killed: list[int] = []
+    first_epoch: list[str] = []
+    parent = tmp_path / "mvtec" / "brick"
+
+    def kill_rank1_after_two_epochs() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for run in parent.glob("*"):
+                history = run / "history.jsonl"
+                # Epoch 2 is done, so epoch 1's checkpoint report has long been registered.
+                lines = history.read_text().splitlines() if history.exists() else []
+                if len(lines) >= 2:
+                    first_epoch.append(lines[0])
+                    pid = int((run / "workers" / "rank1.pid").read_text())
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_rank1_after_two_epochs, daemon=True)
+    killer.start()
+    run = fit(config)
+    killer.join()
+    assert killed, "the test never found a worker to kill"
+    history = (run / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3, 4, 5]
+    # Epoch 1 was not trained again: its record is the one written before the kill.
+    assert history[0] == first_epoch[0]
+    new_pid = int((run / "workers" / "rank1.pid").read_text())
+    assert new_pid != killed[0]  # the worker group was restarted
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 4
+
+
+def test_deepspeed_config_from_project_and_expert_file(demo_root, tmp_path) -> None:
+    config = _config(
+        demo_root,
+        tmp_path,
+        strategy="deepspeed",
+        num_workers=2,
+        zero_stage=1,
+        precision="bf16",
+        batch_size=8,
+    )
+    ds = deepspeed_config(config)
+    assert ds["zero_optimization"] == {"stage": 1}
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
+    expert = tmp_path / "ds.json"
+    expert.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 99}))
+    ds = deepspeed_config(config.override(train={"deepspeed_config": str(expert)}))
+    assert ds["zero_optimization"] == {"stage": 3} and ds["train_batch_size"] == 8
+    expert.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read DeepSpeed config"):
+        deepspeed_config(config.override(train={"deepspeed_config": str(expert)}))
+    with pytest.raises(ConfigError, match="divide evenly over 3 workers"):
+        config.override(train={"num_workers": 3})
