@@ -88,38 +88,47 @@ def test_metrics_from_rank_zero_match_single_process(runs: dict[str, Path]) -> N
 
 
 def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, demo_root, tmp_path) -> None:
-    config = _config(demo_root, tmp_path, strategy="ddp", num_workers=2, epochs=5, max_failures=1)
+    config = _config(demo_root, tmp_path, strategy="ddp", num_workers=2, epochs=8, max_failures=1)
     killed: list[int] = []
-    first_epoch: list[str] = []
+    before: list[tuple[int, list[str]]] = []
     parent = tmp_path / "mvtec" / "brick"
 
-    def kill_rank1_after_two_epochs() -> None:
+    def kill_rank1_after_a_registered_checkpoint() -> None:
+        # Ray's controller registers a reported checkpoint a moment after the worker reports
+        # it; only registered checkpoints are resumed from, so wait for one to be listed.
         deadline = time.time() + 300
         while time.time() < deadline:
             for run in parent.glob("*"):
-                history = run / "history.jsonl"
-                # Epoch 2 is done, so epoch 1's checkpoint report has long been registered.
-                lines = history.read_text().splitlines() if history.exists() else []
-                if len(lines) >= 2:
-                    first_epoch.append(lines[0])
-                    pid = int((run / "workers" / "rank1.pid").read_text())
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.1)
+                snapshot = run / "ray" / "ray_train" / "checkpoint_manager_snapshot.json"
+                if snapshot.exists():
+                    try:
+                        results = json.loads(snapshot.read_text())["checkpoint_results"]
+                    except (json.JSONDecodeError, KeyError):
+                        continue
+                    if results:
+                        registered = max(r["metrics"]["epoch"] for r in results)
+                        lines = (run / "history.jsonl").read_text().splitlines()
+                        before.append((registered, lines[:registered]))
+                        pid = int((run / "workers" / "rank1.pid").read_text())
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_rank1_after_two_epochs, daemon=True)
+    killer = threading.Thread(target=kill_rank1_after_a_registered_checkpoint, daemon=True)
     killer.start()
     run = fit(config)
     killer.join()
     assert killed, "the test never found a worker to kill"
+    registered, done_lines = before[0]
+    assert registered < 8, "training ended before the kill"
     history = (run / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3, 4, 5]
-    # Epoch 1 was not trained again: its record is the one written before the kill.
-    assert history[0] == first_epoch[0]
+    assert [json.loads(line)["epoch"] for line in history] == list(range(1, 9))
+    # The epochs up to the registered checkpoint were not trained again after the restart.
+    assert history[:registered] == done_lines
     new_pid = int((run / "workers" / "rank1.pid").read_text())
     assert new_pid != killed[0]  # the worker group was restarted
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 4
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 7
 
 
 def test_deepspeed_config_from_project_and_expert_file(demo_root, tmp_path) -> None:
