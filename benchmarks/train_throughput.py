@@ -6,12 +6,20 @@ images; the FLOPs of one step are counted with torch.utils.flop_counter.
 
     python benchmarks/train_throughput.py --variant vtadl_paper --n-gaussians 10
     python benchmarks/train_throughput.py --variant vtadl_small --batch-size 8
+
+With --strategy, the real training loop (`vtadl.training.fit`, data loading and validation
+included) runs on a demo category for a few epochs per strategy and worker count, and the
+median images per second of the epochs after the first is printed:
+
+    python benchmarks/train_throughput.py --variant vtadl_small --strategy single ddp \
+        --num-workers 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -101,6 +109,57 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
     }
 
 
+def loop_throughput(args: argparse.Namespace) -> None:
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from vtadl.data.demo import make_demo_dataset
+    from vtadl.training import fit
+
+    tmp = Path(tempfile.mkdtemp(prefix="vtadl-throughput-"))
+    size = args.image_size or default_config(args.variant).model.img_size
+    make_demo_dataset(tmp / "data", categories=["brick"], image_size=size, n_train=72)
+    rows = []
+    for strategy in args.strategy:
+        for workers in args.num_workers if strategy != "single" else [1]:
+            config = default_config(args.variant).override(
+                model={"img_size": size},
+                data={"root": str(tmp / "data"), "category": "brick"},
+                train={
+                    "epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "strategy": strategy,
+                    "num_workers": workers,
+                    "out": str(tmp / "runs"),
+                    # each worker gets its share of the cores; the single process has them all
+                    "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers),
+                },
+            )
+            run = fit(config)
+            lines = (run / "history.jsonl").read_text().splitlines()
+            rates = [json.loads(line)["images_per_second"] for line in lines][1:]
+            rows.append((strategy, workers, statistics.median(rates)))
+            print(
+                json.dumps(
+                    {
+                        "strategy": strategy,
+                        "workers": workers,
+                        "variant": args.variant,
+                        "image_size": size,
+                        "batch_size": args.batch_size,
+                        "images_per_second": rows[-1][2],
+                    }
+                ),
+                flush=True,
+            )
+    base = next((r[2] for r in rows if r[0] == "single"), None)
+    print(f"\n{'strategy':<10} {'workers':>7} {'img/s':>8} {'vs single':>10}")
+    for strategy, workers, ips in rows:
+        rel = f"{ips / base - 1:+.1%}" if base else ""
+        print(f"{strategy:<10} {workers:>7} {ips:>8.2f} {rel:>10}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="vtadl_paper")
@@ -111,8 +170,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--strategy", nargs="*", default=None, help="single ddp deepspeed: time fit()")
+    ap.add_argument("--num-workers", nargs="*", type=int, default=[1, 2])
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.strategy:
+        loop_throughput(args)
+        return
     if args.child:
         print(json.dumps(measure(args, args.precision[0])))
         return
