@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs
 DEMO_CATEGORIES ?= brick grass gravel
+DEMO_EPOCHS ?= 25
 
 .PHONY: install demo test lint clean
 
@@ -24,7 +25,7 @@ demo: install
 	$(VENV)/bin/vtadl data demo $(DEMO_DATA)
 	@for c in $(DEMO_CATEGORIES); do \
 		$(VENV)/bin/vtadl train --dataset mvtec --root $(DEMO_DATA) --category $$c \
-			--variant vtadl_small --out $(DEMO_RUNS) || exit 1; \
+			--variant vtadl_small --epochs $(DEMO_EPOCHS) --out $(DEMO_RUNS) || exit 1; \
 	done
 	@echo "results: $(DEMO_RUNS)/mvtec/<category>/<run>/ (metrics.json, maps/*.png, tensorboard/)"
 

@@ -30,16 +30,25 @@ import torch
 from vtadl.config import Config, default_config
 from vtadl.losses import vtadl_loss
 from vtadl.model import build_model
-from vtadl.training import autocast
+from vtadl.training import autocast, pick_device
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
     """This machine's measured dense matmul rate in GFLOP/s."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    _sync(device)
     tic = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - tic) / 1e9
 
 
@@ -70,12 +79,13 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
         model={k: v for k, v in model_over.items() if v is not None},
         train={"precision": precision, "batch_size": args.batch_size},
     )
-    model = build_model(config.model)
+    device = pick_device(args.device)
+    model = build_model(config.model).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
     size = config.model.img_size
-    images = torch.rand(args.batch_size, 3, size, size)
+    images = torch.rand(args.batch_size, 3, size, size, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -85,13 +95,18 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
     gflop_per_image = counter.get_total_flops() / args.batch_size / 1e9
     for _ in range(args.warmup):
         _step(model, optimizer, images, config)
+    _sync(device)
     tic = time.perf_counter()
     for _ in range(args.steps):
         _step(model, optimizer, images, config)
+    _sync(device)
     seconds = time.perf_counter() - tic
     ips = args.steps * args.batch_size / seconds
-    peak = matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
     return {
+        "device": str(device),
+        "peak_gpu_memory_gb": None if gpu_peak is None else round(gpu_peak, 3),
         "variant": args.variant,
         "image_size": size,
         "n_gaussians": config.model.n_gaussians,
@@ -170,6 +185,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--strategy", nargs="*", default=None, help="single ddp deepspeed: time fit()")
     ap.add_argument("--num-workers", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=4)
