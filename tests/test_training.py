@@ -210,3 +210,16 @@ def test_predict_writes_scores_and_heatmaps(
         assert row["anomalous"] == (row["score"] > row["threshold"])
         assert (out / row["heatmap"]).is_file()
     assert len(list(out.glob("*.png"))) == n_images
+
+
+def test_grid_shifts_give_a_finer_map_and_are_recorded(make_config) -> None:
+    from vtadl.evaluation import evaluate_run
+
+    run = fit(make_config(epochs=1))
+    plain = evaluate_run(run)
+    shifted = evaluate_run(run, eval_overrides={"grid_shifts": 2})
+    assert plain["grid_shifts"] == 1 and shifted["grid_shifts"] == 2
+    assert json.loads((run / "metrics.json").read_text())["grid_shifts"] == 2
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert 0 <= shifted[key] <= 1
+    assert shifted["pixel_auroc"] != plain["pixel_auroc"]  # other offsets were scored

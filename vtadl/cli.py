@@ -203,10 +203,18 @@ def evaluate(
         None, help="Image score from the map: max, mean, top1pct."
     ),
     sigma: float | None = typer.Option(None, help="Smoothing of the map, in original pixels."),
+    grid_shifts: int | None = typer.Option(
+        None, help="Score the patch grid at N x N offsets for a finer map (N^2 passes)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
-    overrides = {"score": score, "image_score": image_score, "smoothing_sigma": sigma}
+    overrides = {
+        "score": score,
+        "image_score": image_score,
+        "smoothing_sigma": sigma,
+        "grid_shifts": grid_shifts,
+    }
     from vtadl.evaluation import evaluate_run
 
     with _progress() as progress:

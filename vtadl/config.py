@@ -94,6 +94,8 @@ class EvalConfig:
     score: str = "nll"
     image_score: str = "max"
     smoothing_sigma: float = 4.0
+    # Score the patch grid at shifts x shifts offsets (a finer map for shifts^2 passes).
+    grid_shifts: int = 1
     n_maps: int = 12
 
 
@@ -239,6 +241,7 @@ def validate(c: Config) -> Config:
             f"image_score must be one of {IMAGE_SCORES}, got {e.image_score!r}",
         ),
         (e.smoothing_sigma >= 0, f"smoothing sigma must not be negative, got {e.smoothing_sigma}"),
+        (e.grid_shifts >= 1, f"grid_shifts must be at least 1, got {e.grid_shifts}"),
     ]
     for ok, message in checks:
         if not ok:

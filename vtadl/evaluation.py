@@ -52,34 +52,67 @@ class Calibration:
 
 
 @torch.no_grad()
+def _patch_nll(model: VTADL, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch NLL upsampled to the input size (B, H, W), and the reconstruction error."""
+    with autocast(x.device, config.train.precision):
+        out = model(x)
+    g = model.grid_size
+    mixture = Mixture(*(t.float() for t in out.mixture))
+    nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
+    up = F.interpolate(nll.view(-1, 1, g, g), size=x.shape[-2:], mode="bilinear")[:, 0]
+    return up, (out.reconstruction.float() - x).square().mean(1)
+
+
+def _shifted_nll(
+    model: VTADL, x: torch.Tensor, config: Config, shifts: int, unshifted: torch.Tensor
+) -> torch.Tensor:
+    """The NLL map averaged over `shifts` x `shifts` offsets of the patch grid.
+
+    A patch grid of stride p sees a defect only in whole p x p cells; shifting the image by
+    p/shifts pixels (reflect padding at the border) and shifting each map back samples the
+    score on a grid `shifts` times finer, at `shifts`^2 forward passes.
+    """
+    p = x.shape[-1] // model.grid_size
+    h, w = x.shape[-2:]
+    total = unshifted.clone()
+    offsets = [round(i * p / shifts) for i in range(shifts)]
+    for dy in offsets:
+        for dx in offsets:
+            if not (dy or dx):
+                continue
+            moved = F.pad(x, (dx, 0, dy, 0), mode="reflect")[..., :h, :w]
+            nll, _ = _patch_nll(model, moved, config)
+            back = F.pad(nll[:, dy:, dx:][:, None], (0, dx, 0, dy), mode="replicate")[:, 0]
+            total += back
+    return total / len(offsets) ** 2
+
+
+@torch.no_grad()
 def raw_scores(
     model: VTADL, images: np.ndarray, config: Config, device: torch.device, batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, H, W, 3) images at model size -> per-patch NLL (N, g, g), squared
-    reconstruction error averaged over channels (N, H, W)."""
+    """uint8 (N, H, W, 3) images at model size -> mixture NLL per pixel (the patch scores,
+    upsampled; averaged over `eval.grid_shifts`^2 grid offsets) and squared reconstruction
+    error averaged over channels, both (N, H, W)."""
     model.eval()
-    nll_fn = MDN_LOSS_FUNCTIONS[config.train.mdn_loss]
+    shifts = config.eval.grid_shifts
     nll, rec = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255)
-        with autocast(device, config.train.precision):
-            out = model(x)
-        g = model.grid_size
-        mixture = Mixture(*(t.float() for t in out.mixture))
-        nll.append(nll_fn(out.tokens.float(), mixture).view(-1, g, g).cpu().numpy())
-        rec.append((out.reconstruction.float() - x).square().mean(1).cpu().numpy())
+        n, r = _patch_nll(model, x, config)
+        if shifts > 1:
+            n = _shifted_nll(model, x, config, shifts, n)
+        nll.append(n.cpu().numpy())
+        rec.append(r.cpu().numpy())
     return np.concatenate(nll), np.concatenate(rec)
 
 
 def _standardised(nll: np.ndarray, rec: np.ndarray, cal: Calibration | None, score: str):
     """Combine the two raw scores into one map per image at model resolution: (N, H, W)."""
-    size = rec.shape[-1]
     parts = []
     if score in ("nll", "nll+recon"):
-        up = F.interpolate(torch.from_numpy(nll)[:, None], size=(size, size), mode="bilinear")
-        up = up[:, 0].numpy()
-        parts.append(up if cal is None else (up - cal.nll_mean) / cal.nll_std)
+        parts.append(nll if cal is None else (nll - cal.nll_mean) / cal.nll_std)
     if score in ("recon", "nll+recon"):
         parts.append(rec if cal is None else (rec - cal.rec_mean) / cal.rec_std)
     return sum(parts)
@@ -167,10 +200,9 @@ class Scorer:
         raws = [self.raw(x) for x, _ in inputs]
         nll = np.concatenate([r[0] for r in raws])
         rec = np.concatenate([r[1] for r in raws])
-        up = _standardised(nll, rec, None, "nll")
         base = Calibration(
-            nll_mean=float(up.mean()),
-            nll_std=float(up.std()) + 1e-8,
+            nll_mean=float(nll.mean()),
+            nll_std=float(nll.std()) + 1e-8,
             rec_mean=float(rec.mean()),
             rec_std=float(rec.std()) + 1e-8,
             image_threshold=0.0,
@@ -227,6 +259,7 @@ def evaluate_run(
         "score": scorer.eval.score,
         "image_score": scorer.eval.image_score,
         "smoothing_sigma": scorer.eval.smoothing_sigma,
+        "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,
         "checkpoint": BEST,
         "best_epoch": scorer.state["epoch"] + 1,
