@@ -154,3 +154,15 @@ def test_deepspeed_config_from_project_and_expert_file(demo_root, tmp_path) -> N
         deepspeed_config(config.override(train={"deepspeed_config": str(expert)}))
     with pytest.raises(ConfigError, match="divide evenly over 3 workers"):
         config.override(train={"num_workers": 3})
+
+
+def test_distributed_run_resumes_later_from_its_folder(ray_local, demo_root, tmp_path) -> None:
+    config = _config(demo_root, tmp_path, strategy="ddp", num_workers=2, epochs=2)
+    run = fit(config)
+    first = (run / "history.jsonl").read_text().splitlines()
+    assert len(first) == 2
+    fit(config.override(train={"epochs": 3}), run_dir=run)
+    history = (run / "history.jsonl").read_text().splitlines()
+    assert history[:2] == first  # epochs 1-2 were not trained again
+    assert json.loads(history[2])["epoch"] == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
