@@ -28,9 +28,8 @@ import time
 import torch
 
 from vtadl.config import Config, default_config
-from vtadl.losses import vtadl_loss
 from vtadl.model import build_model
-from vtadl.training import autocast, pick_device
+from vtadl.training import Engine, Workers, loss_terms, pick_device
 
 
 def _sync(device: torch.device) -> None:
@@ -52,24 +51,8 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> 
     return 2 * n**3 * repeats / (time.perf_counter() - tic) / 1e9
 
 
-def _step(model, optimizer, images, config: Config) -> None:
-    t = config.train
-    with autocast(images.device, t.precision):
-        out = model(images)
-    terms = vtadl_loss(
-        images,
-        out.reconstruction,
-        out.tokens,
-        out.mixture,
-        w_mse=t.w_mse,
-        w_ssim=t.w_ssim,
-        w_nll=t.w_nll,
-        mdn_loss=t.mdn_loss,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    optimizer.step()
+def _step(engine: Engine, images: torch.Tensor, config: Config) -> None:
+    engine.step(loss_terms(engine.module, images, config).total)
 
 
 def measure(args: argparse.Namespace, precision: str) -> dict:
@@ -83,7 +66,7 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
     model = build_model(config.model).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    engine = Workers().engine(model, config)
     size = config.model.img_size
     images = torch.rand(args.batch_size, 3, size, size, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -91,14 +74,14 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        _step(model, optimizer, images, config)
+        _step(engine, images, config)
     gflop_per_image = counter.get_total_flops() / args.batch_size / 1e9
     for _ in range(args.warmup):
-        _step(model, optimizer, images, config)
+        _step(engine, images, config)
     _sync(device)
     tic = time.perf_counter()
     for _ in range(args.steps):
-        _step(model, optimizer, images, config)
+        _step(engine, images, config)
     _sync(device)
     seconds = time.perf_counter() - tic
     ips = args.steps * args.batch_size / seconds

@@ -145,7 +145,9 @@ def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flip_v.to(images.device), images.flip(2), images)
 
 
-def _loss(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None):
+def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None):
+    """The configured loss of one batch; `cast` is the input dtype of an engine that keeps
+    the model in it (DeepSpeed bf16), else autocast follows `train.precision`."""
     t = config.train
     with autocast(images.device, "fp32" if cast else t.precision):
         out = model(images.to(cast) if cast else images)
@@ -169,7 +171,7 @@ def validation_loss(
     sums, n = np.zeros(4), 0
     for images in loader:
         images = images.to(device)
-        sums += np.array([float(v) for v in _loss(model, images, config, cast)]) * len(images)
+        sums += np.array([float(v) for v in loss_terms(model, images, config, cast)]) * len(images)
         n += len(images)
     return dict(zip(("val_loss", "val_mse", "val_ssim", "val_nll"), (sums / n).tolist()))
 
@@ -288,7 +290,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
             images = images.to(device, non_blocking=True)
             if config.data.augment:
                 images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
-            terms = _loss(engine.forward_module, images, config, engine.cast)
+            terms = loss_terms(engine.forward_module, images, config, engine.cast)
             if not torch.isfinite(terms.total):
                 raise TrainingError(
                     f"loss became {float(terms.total.detach())} at epoch {epoch + 1}, "
