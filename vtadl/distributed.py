@@ -195,13 +195,16 @@ def _start_ray(config: Config) -> bool:
     t = config.train
     if ray.is_initialized():
         return False
+    # Worker output reaches the terminal only with `vtadl -v`; it is always in Ray's session
+    # logs, and a worker's error is raised here as one TrainingError line either way.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.INFO)}
     if t.ray_address:
-        ray.init(address=t.ray_address, logging_level=logging.WARNING)
+        ray.init(address=t.ray_address, **quiet)
         return True
     cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker))
     gpus = math.ceil(t.num_workers * t.gpus_per_worker)
     # "local" starts a fresh instance even when another Ray cluster runs on this machine.
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **quiet)
     return True
 
 
