@@ -121,10 +121,9 @@ class RayWorkers(Workers):
             return DeepSpeedEngine(model, config)
         from ray.train.torch import prepare_model
 
-        t = config.train
-        wrapped = prepare_model(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        return Engine(model, optimizer, t.grad_clip, wrapped=wrapped)
+        engine = super().engine(model, config)
+        engine.forward_module = prepare_model(model)  # DDP when there are several workers
+        return engine
 
     def checkpoint_to_resume(self, run_dir: Path) -> dict[str, Any] | None:
         import ray.train
