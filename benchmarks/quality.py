@@ -26,8 +26,7 @@ import yaml
 from vtadl import metrics
 from vtadl.config import default_config
 from vtadl.data.demo import DEMO_CATEGORIES, make_demo_dataset
-from vtadl.data.images import image_size, load_mask
-from vtadl.data.prepare import index_splits, load_arrays
+from vtadl.data.source import category_source
 from vtadl.evaluation import evaluate_run, image_score, to_original
 from vtadl.training import fit
 
@@ -51,17 +50,17 @@ def patch_nn_maps(train: np.ndarray, test: np.ndarray, patch: int = 8, stride: i
 
 
 def baseline_metrics(config, sigma: float = 4.0) -> dict:
-    d = config.data
-    splits = index_splits(d.dataset, d.root, d.category, d.val_fraction, config.train.seed)
-    size = config.model.img_size
-    grids = patch_nn_maps(load_arrays(splits.train, size), load_arrays(splits.test, size))
-    shapes = [image_size(s.image) for s in splits.test]
-    maps = [to_original(grid, shape, sigma) for grid, shape in zip(grids, shapes)]
-    masks = [
-        load_mask(s.mask, sh) if s.mask else np.zeros(sh, bool)
-        for s, sh in zip(splits.test, shapes)
-    ]
-    labels = np.array([s.label for s in splits.test])
+    """The baseline on exactly the images, splits and masks the model was evaluated on."""
+    source = category_source(config)
+    train = np.concatenate(
+        [source.model_input("train", i)[0] for i in range(len(source.items("train")))]
+    )
+    items = source.items("test")
+    test = np.concatenate([source.model_input("test", i)[0] for i in range(len(items))])
+    grids = patch_nn_maps(train, test)
+    maps = [to_original(grid, item.shape, sigma) for grid, item in zip(grids, items)]
+    masks = [source.mask("test", i) for i in range(len(items))]
+    labels = np.array([item.label for item in items])
     return {
         "image_auroc": metrics.image_auroc([image_score(m) for m in maps], labels),
         "pixel_auroc": metrics.pixel_auroc(maps, masks),

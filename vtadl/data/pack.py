@@ -101,7 +101,10 @@ GZIP_LEVEL = 1  # higher levels gain little on image noise and decode no faster
 _STR = h5py.string_dtype()
 
 
-def _params(dataset: str, category: str, image_size: int, tile: int | None, overlap: int):
+def pack_params(
+    dataset: str, category: str, image_size: int, tile: int | None, overlap: int
+) -> dict[str, Any]:
+    """The parameters a pack records and a run must match (tile 0: no tiles)."""
     return {
         "dataset": dataset,
         "category": category,
@@ -278,7 +281,7 @@ def pack_category(
     if compression not in COMPRESSIONS:
         raise DataError(f"unknown compression {compression!r} (known: none, lzf, gzip)")
     root = Path(root)
-    params = _params(dataset, category, image_size, tile, tile_overlap)
+    params = pack_params(dataset, category, image_size, tile, tile_overlap)
     if tile:
         tile_grid(tile, tile, tile, tile_overlap)  # validates tile and overlap
     samples = index_dataset(dataset, root, category)
@@ -322,7 +325,7 @@ def pack_is_current(
     The sources must be readable: a missing root or category is a DataError, not False.
     """
     samples = index_dataset(dataset, root, category)
-    params = _params(dataset, category, image_size, tile, tile_overlap)
+    params = pack_params(dataset, category, image_size, tile, tile_overlap)
     return _stale_reason(Path(path), samples, Path(root), params) is None
 
 
@@ -341,7 +344,7 @@ def ensure_pack(
     """The pack of these parameters in `cache_dir`, (re)built when missing, stale or broken."""
     path = Path(cache_dir) / pack_name(dataset, category, image_size, tile, tile_overlap)
     samples = index_dataset(dataset, root, category)
-    params = _params(dataset, category, image_size, tile, tile_overlap)
+    params = pack_params(dataset, category, image_size, tile, tile_overlap)
     reason = _stale_reason(path, samples, Path(root), params)
     if reason is None:
         logger.info("using pack %s", path)

@@ -1,13 +1,12 @@
-"""From an index of samples to what training and evaluation consume.
+"""Splitting an index of samples, and images as the model consumes them.
 
-Training reads uint8 arrays at the model's input size, decoded once. The validation split
-is held out from the normal training images with a seeded draw; the test split is left to
-evaluation, which reads it at the original resolution for exact metrics.
+The validation split is held out from the normal training images with a seeded draw; the
+test split is left to evaluation, which reads it at the original resolution for exact
+metrics. `vtadl.data.source` builds on these for files and packs alike.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,12 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vtadl.data import index_dataset
 from vtadl.data.images import load_image
 from vtadl.data.samples import Sample
 from vtadl.exceptions import DataError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,19 +42,6 @@ def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
         val=[s for i, s in enumerate(train) if i in val_idx],
         test=test,
     )
-
-
-def index_splits(dataset: str, root: str, category: str, val_fraction: float, seed: int) -> Splits:
-    splits = split_samples(index_dataset(dataset, root, category), val_fraction, seed)
-    log.info(
-        "%s/%s: %d train, %d validation, %d test images",
-        dataset,
-        category,
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-    )
-    return splits
 
 
 def load_arrays(samples: Sequence[Sample], size: int) -> np.ndarray:

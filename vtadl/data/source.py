@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vtadl.data import index_dataset
-from vtadl.data.pack import ensure_pack, pack_is_current
+from vtadl.data.pack import ensure_pack, pack_is_current, pack_params
 from vtadl.data.packed import (
     PackedImages,
     open_pack,
@@ -133,13 +133,9 @@ def category_source(config: Config) -> Source:
         )
     if d.pack == "none":
         return FileSource(config)
-    expect = {
-        "dataset": d.dataset,
-        "category": d.category,
-        "image_size": config.model.img_size,
-        "tile": d.tile,
-        "tile_overlap": d.tile_overlap if d.tile else 0,
-    }
+    expect = pack_params(
+        d.dataset, d.category, config.model.img_size, d.tile or None, d.tile_overlap
+    )
     if d.pack == "auto":
         cache = d.pack_cache or str(Path(config.train.out) / "packs")
         path = ensure_pack(
