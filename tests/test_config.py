@@ -144,6 +144,11 @@ def test_override_ignores_none_and_keeps_the_rest() -> None:
         ({"eval": {"score": "ssim"}}, "score"),
         ({"eval": {"image_score": "median"}}, "image_score"),
         ({"eval": {"smoothing_sigma": -1.0}}, "sigma"),
+        ({"eval": {"scale": "sqrt"}}, "scale"),
+        ({"train": {"lr": "fast"}}, "lr must be a number"),
+        ({"train": {"epochs": 2.5}}, "epochs must be an integer"),
+        ({"data": {"augment": "yes"}}, "augment must be true or false"),
+        ({"data": {"category": 3}}, "category must be a string"),
     ],
 )
 def test_validation_errors(sections: dict, word: str) -> None:
@@ -157,3 +162,13 @@ def test_validation_error_from_file(tmp_path: Path) -> None:
     path.write_text("variant: vtadl_tiny\ntrain:\n  mdn_loss: bogus\n")
     with pytest.raises(ConfigError, match="bogus"):
         load_config(path)
+
+
+def test_numbers_written_as_strings_are_read_as_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-4 (no dot) as a string; users write it that way.
+    path = tmp_path / "c.yaml"
+    path.write_text("variant: vtadl_tiny\ntrain:\n  lr: 1e-4\n  epochs: 3.0\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert default_config("vtadl_tiny").override(model={"noise_std": 0}).model.noise_std == 0.0

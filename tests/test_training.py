@@ -191,6 +191,23 @@ def test_evaluate_run_writes_metrics_and_maps(three_epochs: tuple[Config, Path])
     assert (run_dir / "calibration.json").is_file()
 
 
+def test_an_outdated_calibration_is_recomputed(three_epochs: tuple[Config, Path]) -> None:
+    from vtadl.evaluation import Scorer
+
+    _, run_dir = three_epochs
+    path = run_dir / "calibration.json"
+    fresh = Scorer(run_dir).calibration
+    assert json.loads(path.read_text()) == fresh.to_dict()
+    # The flat layout an earlier version wrote: read as missing, computed again, rewritten.
+    path.write_text(json.dumps({"nll_mean": 1.0, "nll_std": 2.0, "image_threshold": 3.0}))
+    assert Scorer(run_dir).calibration == fresh
+    assert json.loads(path.read_text()) == fresh.to_dict()
+    # Another scale is calibrated afresh and leaves the run's own calibration alone.
+    linear = Scorer(run_dir, eval_overrides={"scale": "linear"}).calibration
+    assert linear.scale == "linear" and linear != fresh
+    assert json.loads(path.read_text()) == fresh.to_dict()
+
+
 def test_predict_writes_scores_and_heatmaps(
     three_epochs: tuple[Config, Path], demo_root: Path, tmp_path: Path
 ) -> None:

@@ -145,6 +145,9 @@ def train(
         None, help="mixture (true NLL) or reference (published form)."
     ),
     score: str | None = typer.Option(None, help="Anomaly map: nll, recon or nll+recon."),
+    score_scale: str | None = typer.Option(
+        None, help="log (compress each score's tail) or linear, before standardising."
+    ),
     precision: str | None = typer.Option(None, help="fp32 or bf16 (autocast)."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     seed: int | None = typer.Option(None),
@@ -183,7 +186,7 @@ def train(
             zero_stage=zero_stage,
             deepspeed_config=str(deepspeed_config) if deepspeed_config else None,
         ),
-        eval=dict(score=score),
+        eval=dict(score=score, scale=score_scale),
     )
     with _progress() as progress:
         run_dir = fit(cfg, run_dir=run_dir, callbacks=_RichCallbacks(progress))
@@ -199,6 +202,9 @@ def train(
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
     score: str | None = typer.Option(None, help="Anomaly map: nll, recon or nll+recon."),
+    score_scale: str | None = typer.Option(
+        None, help="log (compress each score's tail) or linear, before standardising."
+    ),
     image_score: str | None = typer.Option(
         None, help="Image score from the map: max, mean, top1pct."
     ),
@@ -211,6 +217,7 @@ def evaluate(
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
     overrides = {
         "score": score,
+        "scale": score_scale,
         "image_score": image_score,
         "smoothing_sigma": sigma,
         "grid_shifts": grid_shifts,

@@ -19,6 +19,7 @@ from vtadl.exceptions import ConfigError
 MDN_LOSSES = ("mixture", "reference")
 MDN_CONDITIONS = ("token", "position")
 SCORES = ("nll", "nll+recon", "recon")
+SCORE_SCALES = ("log", "linear")
 IMAGE_SCORES = ("max", "mean", "top1pct")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("single", "ddp", "deepspeed")
@@ -91,7 +92,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    score: str = "nll"
+    score: str = "nll+recon"
+    # "log": each raw score becomes log(1 + excess over normal / normal spread) before it is
+    # standardised, so one extreme patch does not swamp its neighbours when the map is
+    # smoothed; "linear": the raw score, only standardised.
+    scale: str = "log"
     image_score: str = "max"
     smoothing_sigma: float = 4.0
     # Score the patch grid at shifts x shifts offsets (a finer map for shifts^2 passes).
@@ -236,6 +241,7 @@ def validate(c: Config) -> Config:
         ),
         (d.num_workers >= 0, f"num_workers must not be negative, got {d.num_workers}"),
         (e.score in SCORES, f"score must be one of {SCORES}, got {e.score!r}"),
+        (e.scale in SCORE_SCALES, f"score scale must be one of {SCORE_SCALES}, got {e.scale!r}"),
         (
             e.image_score in IMAGE_SCORES,
             f"image_score must be one of {IMAGE_SCORES}, got {e.image_score!r}",
@@ -254,7 +260,33 @@ def _replace(obj: Any, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
-    return replace(obj, **values)
+    known = {f.name: f for f in fields(obj)}
+    return replace(obj, **{k: _typed(known[k], v, where) for k, v in values.items()})
+
+
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """`value` as the field's type. YAML reads `1e-4` as a string, so numbers written as
+    strings are accepted; anything else of the wrong type is a ConfigError."""
+    kind = f.type
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind in ("int", "float") and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and kind == "float":
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+    if kind not in _KINDS:
+        return value
+    raise ConfigError(f"{where} option {f.name} must be {_KINDS[kind]}, got {value!r}")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -267,7 +299,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     values = {}
     for name, value in raw.items():
         sub = _SECTIONS.get(name) if cls is Config else None
-        values[name] = _build(sub, value, name) if sub else value
+        values[name] = _build(sub, value, name) if sub else _typed(known[name], value, where)
     return cls(**values)
 
 

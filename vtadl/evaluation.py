@@ -1,12 +1,15 @@
 """Anomaly maps, exact metrics on the test split, heat maps, and prediction on new images.
 
-A map starts at model resolution: the per-patch mixture NLL (bilinearly upsampled from the
-token grid) and/or the per-pixel reconstruction error. Each is standardised with the mean and
-standard deviation it has on the validation images (held-out normal training images), so the
-two can be summed and a map reads as "standard deviations above normal". The map is then
-upsampled to the image's original resolution and Gaussian-smoothed; metrics are computed
-there, against the masks at their own resolution. The image score is the map's maximum by
-default, as in the official MVTec evaluation.
+A map starts at model resolution from two raw scores: the per-patch mixture NLL (bilinearly
+upsampled from the token grid) and the per-pixel squared reconstruction error. Both are heavy
+tailed: a defect's patches score tens of times the normal spread. With `scale: log` (default)
+each becomes log(1 + excess / spread), the excess over a normal level measured on the
+validation images (held-out normal training images), so a single extreme patch cannot swamp
+its neighbours once the map is smoothed. Each part is then standardised with the mean and
+standard deviation it has on the validation images, so parts can be summed and a map reads as
+"standard deviations above normal". The map is upsampled to the image's original resolution
+and Gaussian-smoothed; metrics are computed there, against the masks at their own resolution.
+The image score is the map's maximum by default, as in the official MVTec evaluation.
 """
 
 from __future__ import annotations
@@ -39,82 +42,135 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
+class Part:
+    """How one raw score (NLL or reconstruction error) becomes a standardised map."""
+
+    floor: float  # excess is measured above this level ...
+    spread: float  # ... in units of this, before log1p (scale "log" only)
+    mean: float  # mean and standard deviation of the scaled score on validation images
+    std: float
+
+    def apply(self, raw: np.ndarray, scale: str) -> np.ndarray:
+        if scale == "log":
+            raw = np.log1p(np.maximum(raw - self.floor, 0) / self.spread)
+        return (raw - self.mean) / self.std
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, scale: str, floor: float, spread: float) -> Part:
+        spread = max(spread, 1e-12)
+        scaled = cls(floor, spread, 0.0, 1.0).apply(raw, scale)
+        return cls(floor, spread, float(scaled.mean()), float(scaled.std()) + 1e-8)
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Statistics of the validation (normal) images: standardisation and thresholds."""
 
-    nll_mean: float
-    nll_std: float
-    rec_mean: float
-    rec_std: float
+    scale: str
+    nll: Part
+    rec: Part
     image_threshold: float  # the highest image score among the validation images
     display_low: float
     display_high: float
 
+    @classmethod
+    def fit(cls, nll: np.ndarray, rec: np.ndarray, scale: str) -> Calibration:
+        """The scaling of both raw scores from their values on the validation images.
+
+        The NLL's excess is taken above its median, in standard deviations (an NLL has no
+        natural zero); the squared error's from zero, in units of its median.
+        """
+        return cls(
+            scale=scale,
+            nll=Part.fit(nll, scale, float(np.median(nll)), float(nll.std())),
+            rec=Part.fit(rec, scale, 0.0, float(np.median(rec))),
+            image_threshold=0.0,
+            display_low=0.0,
+            display_high=1.0,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Calibration:
+        raw = dict(raw)
+        raw["nll"], raw["rec"] = Part(**raw["nll"]), Part(**raw["rec"])
+        return cls(**raw)
+
+
+def grid_offsets(patch: int, shifts: int) -> list[tuple[int, int]]:
+    """The (dy, dx) pixel offsets of the `shifts` x `shifts` patch grids, (0, 0) first."""
+    steps = [round(i * patch / shifts) for i in range(shifts)]
+    return [(dy, dx) for dy in steps for dx in steps]
+
 
 @torch.no_grad()
 def _patch_nll(model: VTADL, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch NLL upsampled to the input size (B, H, W), and the reconstruction error."""
+    """Per-patch NLL on the token grid (B, g, g), and the squared reconstruction error
+    averaged over channels (B, H, W)."""
     with autocast(x.device, config.train.precision):
         out = model(x)
     g = model.grid_size
     mixture = Mixture(*(t.float() for t in out.mixture))
     nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
-    up = F.interpolate(nll.view(-1, 1, g, g), size=x.shape[-2:], mode="bilinear")[:, 0]
-    return up, (out.reconstruction.float() - x).square().mean(1)
-
-
-def _shifted_nll(
-    model: VTADL, x: torch.Tensor, config: Config, shifts: int, unshifted: torch.Tensor
-) -> torch.Tensor:
-    """The NLL map averaged over `shifts` x `shifts` offsets of the patch grid.
-
-    A patch grid of stride p sees a defect only in whole p x p cells; shifting the image by
-    p/shifts pixels (reflect padding at the border) and shifting each map back samples the
-    score on a grid `shifts` times finer, at `shifts`^2 forward passes.
-    """
-    p = x.shape[-1] // model.grid_size
-    h, w = x.shape[-2:]
-    total = unshifted.clone()
-    offsets = [round(i * p / shifts) for i in range(shifts)]
-    for dy in offsets:
-        for dx in offsets:
-            if not (dy or dx):
-                continue
-            moved = F.pad(x, (dx, 0, dy, 0), mode="reflect")[..., :h, :w]
-            nll, _ = _patch_nll(model, moved, config)
-            back = F.pad(nll[:, dy:, dx:][:, None], (0, dx, 0, dy), mode="replicate")[:, 0]
-            total += back
-    return total / len(offsets) ** 2
+    return nll.view(-1, g, g), (out.reconstruction.float() - x).square().mean(1)
 
 
 @torch.no_grad()
 def raw_scores(
     model: VTADL, images: np.ndarray, config: Config, device: torch.device, batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, H, W, 3) images at model size -> mixture NLL per pixel (the patch scores,
-    upsampled; averaged over `eval.grid_shifts`^2 grid offsets) and squared reconstruction
-    error averaged over channels, both (N, H, W)."""
+    """uint8 (N, H, W, 3) images at model size -> the mixture NLL of every patch (N, S, g, g)
+    and the squared reconstruction error per pixel (N, H, W).
+
+    S = `eval.grid_shifts`^2 patch grids: a grid of stride p sees a defect only in whole
+    p x p cells, so the image is also scored shifted by multiples of p/shifts pixels (reflect
+    padding at the border; offsets from `grid_offsets`), which samples the NLL on a finer
+    grid at S forward passes. `nll_map` puts the grids back together.
+    """
     model.eval()
-    shifts = config.eval.grid_shifts
+    offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
     nll, rec = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255)
-        n, r = _patch_nll(model, x, config)
-        if shifts > 1:
-            n = _shifted_nll(model, x, config, shifts, n)
-        nll.append(n.cpu().numpy())
-        rec.append(r.cpu().numpy())
+        h, w = x.shape[-2:]
+        grids = []
+        for dy, dx in offsets:
+            moved = F.pad(x, (dx, 0, dy, 0), mode="reflect")[..., :h, :w] if dy or dx else x
+            n, r = _patch_nll(model, moved, config)
+            grids.append(n)
+            if not (dy or dx):
+                rec.append(r.cpu().numpy())
+        nll.append(torch.stack(grids, 1).cpu().numpy())
     return np.concatenate(nll), np.concatenate(rec)
 
 
-def _standardised(nll: np.ndarray, rec: np.ndarray, cal: Calibration | None, score: str):
-    """Combine the two raw scores into one map per image at model resolution: (N, H, W)."""
+def nll_map(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, S, g, g) patch scores on S shifted grids -> (N, H, W): each grid bilinearly
+    upsampled, shifted back into place (edge values repeated) and averaged."""
+    n, s, g, _ = grids.shape
+    h, w = size
+    shifts = round(s**0.5)
+    up = F.interpolate(torch.from_numpy(grids.astype(np.float32)), size=size, mode="bilinear")
+    total = torch.zeros(n, h, w)
+    for k, (dy, dx) in enumerate(grid_offsets(h // g, shifts)):
+        total += F.pad(up[:, k, dy:, dx:][:, None], (0, dx, 0, dy), mode="replicate")[:, 0]
+    return (total / s).numpy()
+
+
+def _standardised(nll: np.ndarray, rec: np.ndarray, cal: Calibration, score: str):
+    """Combine the two raw scores into one map per image at model resolution: (N, H, W).
+
+    The NLL is scaled on its patch grid, before upsampling, so that interpolation works on
+    the scaled values.
+    """
     parts = []
     if score in ("nll", "nll+recon"):
-        parts.append(nll if cal is None else (nll - cal.nll_mean) / cal.nll_std)
+        parts.append(nll_map(cal.nll.apply(nll, cal.scale), rec.shape[-2:]))
     if score in ("recon", "nll+recon"):
-        parts.append(rec if cal is None else (rec - cal.rec_mean) / cal.rec_std)
+        parts.append(cal.rec.apply(rec, cal.scale))
     return sum(parts)
 
 
@@ -157,14 +213,14 @@ class Scorer:
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
-        # The calibration of the run's own score is kept; other scores are calibrated afresh.
+        # The calibration of the run's own score is kept; other scores are calibrated afresh,
+        # and so is a calibration written by an older version or for another scale.
         cal_path = self.run_dir / "calibration.json"
-        if cal_path.exists() and not overrides:
-            self.calibration = Calibration(**json.loads(cal_path.read_text()))
-        else:
+        self.calibration = None if overrides else _read_calibration(cal_path, self.eval.scale)
+        if self.calibration is None:
             self.calibration = self._calibrate()
             if not overrides:
-                cal_path.write_text(json.dumps(asdict(self.calibration), indent=2))
+                cal_path.write_text(json.dumps(self.calibration.to_dict(), indent=2))
 
     @property
     def eval(self) -> EvalConfig:
@@ -200,15 +256,7 @@ class Scorer:
         raws = [self.raw(x) for x, _ in inputs]
         nll = np.concatenate([r[0] for r in raws])
         rec = np.concatenate([r[1] for r in raws])
-        base = Calibration(
-            nll_mean=float(nll.mean()),
-            nll_std=float(nll.std()) + 1e-8,
-            rec_mean=float(rec.mean()),
-            rec_std=float(rec.std()) + 1e-8,
-            image_threshold=0.0,
-            display_low=0.0,
-            display_high=1.0,
-        )
+        base = Calibration.fit(nll, rec, self.eval.scale)
         maps = [
             self.image_map(raw, corners, item.shape, base)
             for raw, (_, corners), item in zip(raws, inputs, items)
@@ -221,6 +269,15 @@ class Scorer:
             display_low=low,
             display_high=low + 2 * max(threshold - low, 1e-6),
         )
+
+
+def _read_calibration(path: Path, scale: str) -> Calibration | None:
+    """A run's stored calibration, or None if it is missing, outdated or for another scale."""
+    try:
+        cal = Calibration.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return cal if cal.scale == scale else None
 
 
 def evaluate_run(
@@ -257,6 +314,7 @@ def evaluate_run(
         "n_test": len(labels),
         "n_anomalous": int(labels.sum()),
         "score": scorer.eval.score,
+        "score_scale": scorer.eval.scale,
         "image_score": scorer.eval.image_score,
         "smoothing_sigma": scorer.eval.smoothing_sigma,
         "grid_shifts": scorer.eval.grid_shifts,

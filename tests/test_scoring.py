@@ -1,0 +1,89 @@
+"""How raw scores become anomaly maps: scaling, standardisation and shifted patch grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vtadl.evaluation import Calibration, Part, _standardised, grid_offsets, nll_map
+
+
+def test_part_standardises_validation_scores() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.gamma(2.0, 3.0, size=(6, 8, 8)) + 20.0
+    for scale in ("log", "linear"):
+        part = Part.fit(raw, scale, float(np.median(raw)), float(raw.std()))
+        z = part.apply(raw, scale)
+        assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-4
+
+
+def test_log_scale_is_monotone_and_flat_below_the_floor() -> None:
+    part = Part(floor=10.0, spread=2.0, mean=0.0, std=1.0)
+    raw = np.array([0.0, 5.0, 10.0, 12.0, 20.0, 1000.0])
+    out = part.apply(raw, "log")
+    np.testing.assert_allclose(out[:3], 0.0)
+    assert np.all(np.diff(out[2:]) > 0)
+    np.testing.assert_allclose(out[3], np.log(2.0))  # one spread above the floor
+    # The tail is compressed: 1000 is 495 spreads above the floor, log1p(495) = 6.2.
+    assert out[-1] < 7
+    np.testing.assert_allclose(part.apply(raw, "linear"), raw)
+
+
+def test_log_scale_keeps_an_extreme_patch_from_swamping_its_neighbours() -> None:
+    # One patch 100x the normal spread next to a mildly abnormal one: after upsampling and
+    # smoothing on the linear scale the extreme patch's halo outscores the mild patch; on
+    # the log scale the mild patch stays above the halo.
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    val = rng.normal(10.0, 1.0, size=(4, 1, 8, 8))
+    test = rng.normal(10.0, 1.0, size=(1, 1, 8, 8))
+    test[0, 0, 2, 2] = 110.0
+    test[0, 0, 2, 5] = 16.0
+    halo = (20, 28)  # a pixel one patch below the extreme one (patch 8 px)
+    mild = (20, 44)
+    out = {}
+    for scale in ("linear", "log"):
+        cal = Calibration.fit(val, np.ones((4, 64, 64)), scale)
+        amap = gaussian_filter(_standardised(test, np.ones((1, 64, 64)), cal, "nll")[0], 4)
+        out[scale] = amap[halo], amap[mild]
+    assert out["linear"][0] > out["linear"][1]
+    assert out["log"][0] < out["log"][1]
+
+
+def test_calibration_round_trips_through_a_dict() -> None:
+    rng = np.random.default_rng(2)
+    cal = Calibration.fit(rng.normal(size=(3, 1, 4, 4)), rng.random((3, 32, 32)), "log")
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_grid_offsets() -> None:
+    assert grid_offsets(8, 1) == [(0, 0)]
+    assert grid_offsets(8, 2) == [(0, 0), (0, 4), (4, 0), (4, 4)]
+    assert len(grid_offsets(16, 3)) == 9 and grid_offsets(16, 3)[1] == (0, 5)
+
+
+def _patch_means(image: torch.Tensor, p: int, dy: int, dx: int) -> np.ndarray:
+    """What a model that scores each patch by its mean would give for the shifted image."""
+    h, w = image.shape[-2:]
+    moved = F.pad(image[None, None], (dx, 0, dy, 0), mode="reflect")[..., :h, :w]
+    return F.avg_pool2d(moved, p)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("shifts", [1, 2, 4])
+def test_shifted_grids_are_put_back_in_place(shifts: int) -> None:
+    # A bright 8x8 square at rows 16-23, columns 8-15 of a 32x32 image, patch 8: whatever
+    # the grid offsets, the assembled map peaks on the square.
+    image = torch.zeros(32, 32)
+    image[16:24, 8:16] = 1.0
+    grids = np.stack([_patch_means(image, 8, dy, dx) for dy, dx in grid_offsets(8, shifts)])
+    amap = nll_map(grids[None], (32, 32))[0]
+    ys, xs = np.nonzero(amap >= amap.max() - 1e-6)
+    assert 14 <= ys.mean() <= 22 and 6 <= xs.mean() <= 14
+    rows = amap.sum(1)
+    assert abs(float((rows * np.arange(32)).sum() / rows.sum()) - 19.5) < 2.0
+    if shifts == 1:
+        up = F.interpolate(torch.from_numpy(grids[None]), size=(32, 32), mode="bilinear")
+        np.testing.assert_allclose(amap, up[0, 0].numpy(), rtol=1e-6)
