@@ -42,7 +42,7 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         array = read_sample_image(self.samples[i], self.size)
-        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class FolderTiles(FolderImages):
@@ -54,7 +54,7 @@ class FolderTiles(FolderImages):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         tiles = cut_tiles(read_sample_image(self.samples[i]), self.tile, self.overlap)[0]
-        return torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div_(255)
+        return torch.from_numpy(tiles).permute(0, 3, 1, 2)
 
 
 def write_product(root: Path, n: int, size: int, seed: int = 0) -> None:

@@ -82,7 +82,7 @@ def test_auto_pack_is_rebuilt_when_a_source_changes(demo_copy: Path, tmp_path: P
     again = category_source(_config(demo_copy, tmp_path))
     after = again.dataset("train")[0]
     assert not torch.equal(before, after)
-    assert torch.allclose(after[0], torch.full((32, 32), 200 / 255))
+    assert torch.equal(after[0], torch.full((32, 32), 200, dtype=torch.uint8))
 
 
 def test_tiles_train_and_stitch_into_full_resolution_maps(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from vtadl.config import Config, save_config, validate
+from vtadl.data.prepare import to_float
 from vtadl.data.source import category_source
 from vtadl.exceptions import RunError, TrainingError
 from vtadl.losses import vtadl_loss
@@ -170,7 +171,7 @@ def validation_loss(
     model.eval()
     sums, n = np.zeros(4), 0
     for images in loader:
-        images = images.to(device)
+        images = to_float(images.to(device))
         sums += np.array([float(v) for v in loss_terms(model, images, config, cast)]) * len(images)
         n += len(images)
     return dict(zip(("val_loss", "val_mse", "val_ssim", "val_nll"), (sums / n).tolist()))
@@ -257,11 +258,11 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     source = category_source(config)
     train_set, val_set = source.dataset("train"), source.dataset("val")
     sampler = EpochBatches(len(train_set), t.batch_size, seed=t.seed, rank=rank, world=world)
-    nw = config.data.num_workers
+    nw, pin = config.data.num_workers, device.type == "cuda"
     train_loader = DataLoader(
-        train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0
+        train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
     )
-    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw)
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw, pin_memory=pin)
     engine = workers.engine(build_model(config.model).to(device), config)
     # Noise on the tokens is drawn per worker.
     torch.manual_seed(t.seed + rank)
@@ -287,7 +288,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
         sampler.set_epoch(epoch)
         tic, sums = time.perf_counter(), np.zeros(5)
         for step, images in enumerate(train_loader):
-            images = images.to(device, non_blocking=True)
+            images = to_float(images.to(device, non_blocking=True))
             if config.data.augment:
                 images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
             terms = loss_terms(engine.forward_module, images, config, engine.cast)

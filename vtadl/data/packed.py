@@ -198,7 +198,9 @@ def read_tiles(path: str | Path, index: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class PackedImages(Dataset):
-    """Images (or all tiles) of some rows of a pack, as float tensors (3, H, W) in [0, 1].
+    """Images (or all tiles) of some rows of a pack, as uint8 tensors (3, H, W); the
+    training loop converts whole batches on the device (`to_float`), so loader workers copy
+    a quarter of the bytes.
 
     The constructor checks the pack with a handle it closes at once; the reading handle is
     opened on the first `__getitem__` in each process (DataLoader or Ray worker) and never
@@ -241,7 +243,7 @@ class PackedImages(Dataset):
             raise DataError(
                 f"pack {self.path} is corrupt: cannot read {self.key} ({exc})"
             ) from None
-        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(array).permute(2, 0, 1)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -52,8 +52,13 @@ def load_arrays(samples: Sequence[Sample], size: int) -> np.ndarray:
     return out
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch (B, C, H, W) as the model takes it: float in [0, 1]."""
+    return images.float().div_(255)
+
+
 class ImageArray(Dataset):
-    """uint8 (N, H, W, C) images -> float tensors (C, H, W) in [0, 1]."""
+    """uint8 (N, H, W, C) images -> uint8 tensors (C, H, W), converted by `to_float`."""
 
     def __init__(self, images: np.ndarray) -> None:
         self.images = images
@@ -62,4 +67,4 @@ class ImageArray(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1)
