@@ -180,9 +180,7 @@ def test_pack_btad_tiles_and_stitching(btad_root: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(mask, load_mask(samples[ko].mask))
     tiles = PackedImages(path, [0], tiles=True)
     assert len(tiles) == 16 and tiles[15].shape == (3, 512, 512)
-    np.testing.assert_array_equal(
-        tiles[15].permute(1, 2, 0).numpy(), read_tiles(path, 0)[0][15]
-    )
+    np.testing.assert_array_equal(tiles[15].permute(1, 2, 0).numpy(), read_tiles(path, 0)[0][15])
     assert len(PackedImages(path, [0, 3], tiles=True)) == 32
 
 
