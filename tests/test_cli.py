@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
@@ -99,6 +100,18 @@ def test_evaluate_json(demo_run: tuple[Path, dict]) -> None:
     assert payload["run_dir"] == trained["run_dir"]
     for key in METRICS:
         assert payload[key] == pytest.approx(trained[key]), key
+
+
+def test_train_options_reach_the_run(demo_root: Path, tmp_path: Path) -> None:
+    args = _train_args(demo_root, tmp_path / "runs", "--augment", "--score-scale", "linear")
+    payload = _last_json(runner.invoke(app, [*args, "--score", "nll", "--json"]))
+    run_dir = Path(payload["run_dir"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["augment"] is True
+    assert saved["eval"] == {**saved["eval"], "score": "nll", "scale": "linear"}
+    assert (payload["score"], payload["score_scale"]) == ("nll", "linear")
+    again = runner.invoke(app, ["evaluate", str(run_dir), "--score-scale", "log", "--json"])
+    assert _last_json(again)["score_scale"] == "log"
 
 
 def test_evaluate_table(demo_run: tuple[Path, dict]) -> None:

@@ -120,6 +120,11 @@ def train(
     tile: int | None = typer.Option(None, help="Train on native-resolution tiles of this size."),
     tile_overlap: int | None = typer.Option(None, help="Overlap of neighbouring tiles (pixels)."),
     loader_workers: int | None = typer.Option(None, help="Data loader processes per worker."),
+    augment: bool | None = typer.Option(
+        None,
+        "--augment/--no-augment",
+        help="Random horizontal and vertical flips (for textures and symmetric parts).",
+    ),
     strategy: str | None = typer.Option(None, help="single (this process), ddp or deepspeed."),
     num_workers: int | None = typer.Option(None, help="Ray Train workers (ddp, deepspeed)."),
     gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray Train worker."),
@@ -167,7 +172,13 @@ def train(
         root=root,
         category=category,
         resume=resume,
-        data=dict(pack=pack, tile=tile, tile_overlap=tile_overlap, num_workers=loader_workers),
+        data=dict(
+            pack=pack,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            num_workers=loader_workers,
+            augment=augment,
+        ),
         model=dict(img_size=image_size, n_gaussians=n_gaussians, noise_std=noise_std),
         train=dict(
             epochs=epochs,
