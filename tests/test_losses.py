@@ -147,6 +147,29 @@ def test_huge_distances_are_finite(loss, log_var: float) -> None:
         assert t.grad is not None and torch.isfinite(t.grad).all()
 
 
+@pytest.mark.parametrize("loss", [mixture_nll, reference_nll])
+def test_negligible_components_get_exactly_zero_gradient(loss) -> None:
+    # The far component's share of the gradient is about exp(-93), a subnormal float32
+    # (slow in x86 matrix products); it is dropped, the near component's is kept.
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.full((1, 1, 4), 0.1)
+    mu = torch.stack([torch.zeros(4), torch.full((4,), 6.9)]).view(1, 1, 2, 4).requires_grad_()
+    far = -2 * 6.9**2 + 2 * 0.1**2  # log N_far - log N_near with unit variances
+    log_pi = torch.log(torch.tensor([0.5, 0.5])).view(1, 1, 2)
+    if loss is reference_nll:
+        # The reference form weights components by pi, so make the far one's pi negligible.
+        log_pi = torch.tensor([0.0, far]).view(1, 1, 2)
+        log_var = torch.full((1, 1, 2, 4), -20.0)  # softplus(-20) ~ 2e-9: unit variances
+    else:
+        log_var = torch.zeros(1, 1, 2, 4)
+    share = torch.softmax(torch.tensor([0.0, far]), 0)[1].item()
+    assert 0 < share < tiny  # without the drop, the far gradient would be subnormal
+    loss(x, Mixture(log_pi, mu, log_var)).sum().backward()
+    grad = mu.grad[0, 0]
+    assert torch.all(grad[1] == 0)
+    torch.testing.assert_close(grad[0], torch.full((4,), -0.1), rtol=1e-5, atol=0)
+
+
 def test_mixture_nll_clamps_log_variance() -> None:
     # One component, one dimension. Below the bound the variance is exp(LOG_VAR_MIN):
     #   x = mu = 0: NLL = -log(1 / sqrt(2 pi exp(-9))) = 1/2 (log 2 pi - 9)

@@ -33,7 +33,7 @@ from vtadl.data.tiles import cut_tiles, stitch_tiles
 from vtadl.exceptions import DataError, RunError
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.model import VTADL, Mixture
-from vtadl.training import BEST, autocast, flush_subnormals, model_from_checkpoint, pick_device
+from vtadl.training import BEST, autocast, model_from_checkpoint, pick_device
 from vtadl.visualize import save_heatmap
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,6 @@ class Scorer:
         if overrides:
             self.config = self.config.override(eval=overrides)
         self.device = pick_device(self.config.train.device)
-        flush_subnormals(self.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
         # The calibration of the run's own score is kept; other scores are calibrated afresh,

@@ -47,19 +47,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def flush_subnormals(device: torch.device) -> None:
-    """On a CPU, treat subnormal floats as zero (process-wide).
-
-    Mixture components that own no token get responsibilities near exp(-90); the gradients
-    into the mixture head's weights are then subnormal, and x86 matrix products on subnormal
-    numbers run about ten times slower. Without this, `vtadl_small` trained at 1 to 2 images/s
-    instead of 12 for several early epochs of every demo run, with the same losses to five
-    digits either way (benchmarks/RESULTS.md). GPUs are unaffected; the flag is CPU-only.
-    """
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-
-
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -264,7 +251,6 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     lead = rank == 0
     ckpt_dir = run_dir / "checkpoints"
     device = workers.device(config)
-    flush_subnormals(device)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
