@@ -256,11 +256,10 @@ def validate(c: Config) -> Config:
 
 
 def _replace(obj: Any, values: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in fields(obj)}
-    unknown = sorted(set(values) - names)
+    known = {f.name: f for f in fields(obj)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
-    known = {f.name: f for f in fields(obj)}
     return replace(obj, **{k: _typed(known[k], v, where) for k, v in values.items()})
 
 

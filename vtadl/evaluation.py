@@ -1,15 +1,16 @@
 """Anomaly maps, exact metrics on the test split, heat maps, and prediction on new images.
 
-A map starts at model resolution from two raw scores: the per-patch mixture NLL (bilinearly
-upsampled from the token grid) and the per-pixel squared reconstruction error. Both are heavy
-tailed: a defect's patches score tens of times the normal spread. With `scale: log` (default)
-each becomes log(1 + excess / spread), the excess over a normal level measured on the
-validation images (held-out normal training images), so a single extreme patch cannot swamp
-its neighbours once the map is smoothed. Each part is then standardised with the mean and
-standard deviation it has on the validation images, so parts can be summed and a map reads as
-"standard deviations above normal". The map is upsampled to the image's original resolution
-and Gaussian-smoothed; metrics are computed there, against the masks at their own resolution.
-The image score is the map's maximum by default, as in the official MVTec evaluation.
+A map starts at model resolution from two raw scores: the per-patch mixture NLL on the token
+grid and the per-pixel squared reconstruction error. Both are heavy tailed: a defect's
+patches score tens of times the normal spread. With `scale: log` (default) each becomes
+log(1 + excess / spread), the excess over a normal level measured on the validation images
+(held-out normal training images), so a single extreme patch cannot swamp its neighbours
+once the map is smoothed; the NLL is scaled on its grid and then bilinearly upsampled. Each
+part is then standardised with the mean and standard deviation it has on the validation
+images, so parts can be summed and a map reads as "standard deviations above normal". The
+map is upsampled to the image's original resolution and Gaussian-smoothed; metrics are
+computed there, against the masks at their own resolution. The image score is the map's
+maximum by default, as in the official MVTec evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 from vtadl import metrics
 from vtadl.config import Config, EvalConfig
 from vtadl.data.images import load_image
+from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import cut_tiles, stitch_tiles
 from vtadl.exceptions import DataError, RunError
@@ -133,8 +135,8 @@ def raw_scores(
     offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
     nll, rec = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device)
-        x = x.permute(0, 3, 1, 2).float().div_(255)
+        x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
+        x = x.permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
         grids = []
         for dy, dx in offsets:
