@@ -113,7 +113,7 @@ def loop_throughput(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from vtadl.data.demo import make_demo_dataset
-    from vtadl.training import fit
+    from vtadl.runs import fit
 
     tmp = Path(tempfile.mkdtemp(prefix="vtadl-throughput-"))
     size = args.image_size or default_config(args.variant).model.img_size

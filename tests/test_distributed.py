@@ -22,7 +22,8 @@ from vtadl.config import default_config
 from vtadl.distributed import deepspeed_config
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError
-from vtadl.training import fit, load_checkpoint
+from vtadl.runs import fit
+from vtadl.training import load_checkpoint
 
 ray = pytest.importorskip("ray")
 

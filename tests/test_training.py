@@ -12,7 +12,7 @@ from PIL import Image
 import vtadl.training as training
 from vtadl.config import Config, load_config
 from vtadl.evaluation import evaluate_run, predict
-from vtadl.exceptions import RunError, TrainingError
+from vtadl.exceptions import ConfigError, RunError, TrainingError
 from vtadl.losses import LossTerms
 from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
 
@@ -115,12 +115,18 @@ def test_resume_ends_where_an_uninterrupted_run_would(
 
 
 def test_resume_without_checkpoint(make_config, tmp_path: Path) -> None:
-    empty = tmp_path / "not_a_run"
-    empty.mkdir()
-    with pytest.raises(RunError, match="checkpoint"):
-        fit(make_config(epochs=1), run_dir=empty)
     with pytest.raises(RunError, match="no run"):
         latest_run(tmp_path / "runs", "mvtec", CATEGORY)
+    # A given folder without a checkpoint is a new run there (a queued job's first attempt).
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    assert fit(make_config(epochs=1), run_dir=empty) == empty
+    assert load_checkpoint(empty / "checkpoints" / "last.pt")["epoch"] == 0
+
+
+def test_the_loop_refuses_strategies_it_does_not_launch(make_config) -> None:
+    with pytest.raises(ConfigError, match="vtadl.runs.fit"):
+        fit(make_config(strategy="ddp", num_workers=2))
 
 
 class _StepCounter(Callbacks):

@@ -63,7 +63,7 @@ class _RichCallbacks:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.epochs = self.steps = None
+        self.epochs = self.steps = self.evaluation = None
 
     def on_train_start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
         self.epochs = self.progress.add_task("epochs", total=epochs)
@@ -79,6 +79,11 @@ class _RichCallbacks:
             description=f"epoch {record['epoch']} val {record['val_loss']:.4f}",
         )
         self.progress.reset(self.steps)
+
+    def evaluating(self, done: int, total: int) -> None:
+        if self.evaluation is None:
+            self.evaluation = self.progress.add_task("evaluating", total=total)
+        self.progress.update(self.evaluation, completed=done, total=total)
 
 
 def _progress() -> Progress:
@@ -161,9 +166,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
     """Train on one category, then evaluate on its test split."""
-    from vtadl.evaluation import evaluate_run
-    from vtadl.runs import train_config
-    from vtadl.training import fit
+    from vtadl.runs import train_and_evaluate, train_config
 
     cfg, run_dir = train_config(
         config_file=config,
@@ -200,10 +203,9 @@ def train(
         eval=dict(score=score, scale=score_scale),
     )
     with _progress() as progress:
-        run_dir = fit(cfg, run_dir=run_dir, callbacks=_RichCallbacks(progress))
-        task = progress.add_task("evaluating", total=None)
-        result = evaluate_run(
-            run_dir, progress=lambda i, n: progress.update(task, completed=i, total=n)
+        callbacks = _RichCallbacks(progress)
+        run_dir, result = train_and_evaluate(
+            cfg, run_dir=run_dir, callbacks=callbacks, progress=callbacks.evaluating
         )
     _print_metrics(result, run_dir, as_json)
 

@@ -1,12 +1,53 @@
-"""Resolve what a `train` request means: a new config, or the run to resume."""
+"""One entry point for a run, and what a `train` request means.
+
+`train_config` resolves options into a config (or the run to resume); `fit` trains a config
+with its strategy; `train_and_evaluate` is a whole run. The CLI, the queue's job function and
+Tune trials all call these, so none of them knows how a strategy is launched.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vtadl.config import Config, default_config, load_config
 from vtadl.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from vtadl.training import Callbacks
+
+
+def fit(
+    config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
+) -> Path:
+    """Train `config` with its strategy, in this process or on Ray Train workers.
+
+    With `run_dir`, train in that folder, continuing from its last checkpoint if it has one.
+    Returns the run folder.
+    """
+    if config.train.strategy == "single":
+        from vtadl.training import fit as fit_here
+
+        return fit_here(config, run_dir=run_dir, callbacks=callbacks)
+    from vtadl.distributed import fit_distributed
+
+    return fit_distributed(config, run_dir=run_dir, callbacks=callbacks)
+
+
+def train_and_evaluate(
+    config: Config,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Callbacks | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """A whole run: `fit`, then evaluate the best checkpoint on the test split.
+    Returns the run folder and the metrics (as in its metrics.json)."""
+    from vtadl.evaluation import evaluate_run
+
+    run_dir = fit(config, run_dir=run_dir, callbacks=callbacks)
+    return run_dir, evaluate_run(run_dir, progress=progress)
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The training loop: one function of a config.
 
-`fit(config)` builds data, model and optimiser, trains, checkpoints every epoch with the
-config inside, keeps the checkpoint with the lowest validation loss (held-out normal training
-images, never the test split) and returns the run folder. `fit(config, run_dir=...)` resumes
-from that folder's last checkpoint and ends where an uninterrupted run would.
+`fit(config)` builds data, model and optimiser, trains in this process, checkpoints every
+epoch with the config inside, keeps the checkpoint with the lowest validation loss (held-out
+normal training images, never the test split) and returns the run folder.
+`fit(config, run_dir=...)` trains in that folder: it resumes from the folder's last checkpoint
+if there is one and ends where an uninterrupted run would. The loop knows nothing of
+launchers: `vtadl.runs.fit` picks this function or `vtadl.distributed.fit_distributed` by the
+config's strategy.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from vtadl.config import Config, save_config, validate
 from vtadl.data.prepare import to_float
 from vtadl.data.source import category_source
-from vtadl.exceptions import RunError, TrainingError
+from vtadl.exceptions import ConfigError, RunError, TrainingError
 from vtadl.losses import vtadl_loss
 from vtadl.model import VTADL, build_model
 
@@ -232,14 +235,12 @@ class Workers:
 def fit(
     config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
 ) -> Path:
-    """Train `config` with its strategy; with `run_dir`, resume that run. Returns the run folder."""
+    """Train `config` in this process (strategy single); returns the run folder."""
     config = validate(config)
-    if run_dir is not None and not (Path(run_dir) / "checkpoints" / LAST).is_file():
-        raise RunError(f"no checkpoint to resume in {run_dir}")
     if config.train.strategy != "single":
-        from vtadl.distributed import fit_distributed
-
-        return fit_distributed(config, run_dir=run_dir, callbacks=callbacks)
+        raise ConfigError(
+            f"strategy {config.train.strategy!r} runs on Ray Train: call vtadl.runs.fit"
+        )
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     train_loop(config, run_dir, Workers(), callbacks or Callbacks())
     return run_dir
