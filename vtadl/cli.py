@@ -8,45 +8,19 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vtadl.exceptions import VtadlError
+from vtadl.console import METRIC_NAMES, err, handle_errors, out
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: demo data.")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True)
-out = Console()
-
-METRIC_NAMES = {
-    "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC",
-    "au_pro": "AU-PRO (FPR<=0.3)",
-}
-
-
-def handle_errors(fn: Callable) -> Callable:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VtadlError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; checkpoints so far are kept (continue with --resume)")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 @app.callback()
@@ -113,6 +87,50 @@ def _print_metrics(result: dict, run_dir: Path, as_json: bool) -> None:
     out.print(f"run folder: {run_dir}  (heat maps in {run_dir / 'maps'})", highlight=False)
 
 
+def config_from_options(o: dict[str, Any]):
+    """The config (and run folder to resume) that `train`'s options describe; `submit` builds
+    each category's request with it too, so both accept the same options."""
+    from vtadl.runs import train_config
+
+    path = lambda p: str(p) if p else None
+    return train_config(
+        config_file=o["config"],
+        variant=o["variant"],
+        dataset=o["dataset"],
+        root=o["root"],
+        category=o["category"],
+        resume=o.get("resume", False),
+        data=dict(
+            pack=o["pack"],
+            tile=o["tile"],
+            tile_overlap=o["tile_overlap"],
+            num_workers=o["loader_workers"],
+            augment=o["augment"],
+        ),
+        model=dict(
+            img_size=o["image_size"], n_gaussians=o["n_gaussians"], noise_std=o["noise_std"]
+        ),
+        train=dict(
+            epochs=o["epochs"],
+            batch_size=o["batch_size"],
+            lr=o["lr"],
+            mdn_loss=o["mdn_loss"],
+            precision=o["precision"],
+            device=o["device"],
+            seed=o["seed"],
+            out=path(o["out_dir"]),
+            strategy=o["strategy"],
+            num_workers=o["num_workers"],
+            gpus_per_worker=o["gpus_per_worker"],
+            cpus_per_worker=o["cpus_per_worker"],
+            ray_address=o["ray_address"],
+            zero_stage=o["zero_stage"],
+            deepspeed_config=path(o["deepspeed_config"]),
+        ),
+        eval=dict(score=o["score"], scale=o["score_scale"]),
+    )
+
+
 @app.command()
 @handle_errors
 def train(
@@ -166,42 +184,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
     """Train on one category, then evaluate on its test split."""
-    from vtadl.runs import train_and_evaluate, train_config
+    from vtadl.runs import train_and_evaluate
 
-    cfg, run_dir = train_config(
-        config_file=config,
-        variant=variant,
-        dataset=dataset,
-        root=root,
-        category=category,
-        resume=resume,
-        data=dict(
-            pack=pack,
-            tile=tile,
-            tile_overlap=tile_overlap,
-            num_workers=loader_workers,
-            augment=augment,
-        ),
-        model=dict(img_size=image_size, n_gaussians=n_gaussians, noise_std=noise_std),
-        train=dict(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            mdn_loss=mdn_loss,
-            precision=precision,
-            device=device,
-            seed=seed,
-            out=str(out_dir) if out_dir else None,
-            strategy=strategy,
-            num_workers=num_workers,
-            gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker,
-            ray_address=ray_address,
-            zero_stage=zero_stage,
-            deepspeed_config=str(deepspeed_config) if deepspeed_config else None,
-        ),
-        eval=dict(score=score, scale=score_scale),
-    )
+    cfg, run_dir = config_from_options(locals())
     with _progress() as progress:
         callbacks = _RichCallbacks(progress)
         run_dir, result = train_and_evaluate(

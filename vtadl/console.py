@@ -1,0 +1,44 @@
+"""What every command shares: the two consoles and the error boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from vtadl.exceptions import VtadlError
+
+err = Console(stderr=True)
+out = Console()
+
+METRIC_NAMES = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "au_pro": "AU-PRO (FPR<=0.3)",
+}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line; raise the returned Exit."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Known errors become one line on stderr and exit code 2, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VtadlError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; checkpoints so far are kept (continue with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper
