@@ -21,3 +21,11 @@ class TrainingError(VtadlError):
 
 class RunError(VtadlError):
     """A run folder that is missing or incomplete."""
+
+
+class ServiceError(VtadlError):
+    """The job queue's Redis cannot be reached, started or used."""
+
+
+class JobError(VtadlError):
+    """An unknown job, a job in a state that does not allow the request, or a refused job."""
