@@ -1,3 +1,5 @@
+"""`python -m vtadl` is the `vtadl` command."""
+
 from vtadl.cli import run
 
 run()

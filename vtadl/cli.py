@@ -364,6 +364,9 @@ def data_download(
     out.print(f"{dataset}: verified and extracted into {root}", highlight=False)
 
 
+from vtadl import cli_jobs  # noqa: E402,F401  (registers the job service's commands)
+
+
 def run() -> None:
     app(prog_name="vtadl")
 

@@ -1,0 +1,206 @@
+"""What a queue worker runs: `run(request)`, one JSON request in, one JSON result out.
+
+Each job runs in a fresh process forked by the worker (`vtadl.worker`); torch and Ray are
+imported here, inside the job, never by the worker. The job calls the same entry points as
+the CLI (`vtadl.runs.train_and_evaluate`), keeps its run folder in the job's meta before it
+trains, so that a rerun after a lost worker, a retry or `vtadl retry` continues that run
+from its last checkpoint, and reports progress (epoch of epochs, then the metrics) in the
+job's meta and one log line per epoch in Redis (`vtadl logs`) and in the run's `job.log`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from vtadl.config import Config, validate
+from vtadl.exceptions import ConfigError, JobError, VtadlError
+from vtadl.queue import KINDS, REQUEST_VERSION, append_log
+
+HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "n_test")
+
+
+def parse_request(request: Any) -> tuple[str, Config, dict[str, Any]]:
+    """The kind, config and options of a request; JobError if it is not one."""
+    if not isinstance(request, dict):
+        raise JobError("a job request must be a JSON object")
+    if request.get("version") != REQUEST_VERSION:
+        raise JobError(f"unsupported request version {request.get('version')!r}")
+    kind = request.get("kind")
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    options = request.get("options") or {}
+    if not isinstance(options, dict):
+        raise JobError("a job's options must be a JSON object")
+    try:
+        config = validate(Config.from_dict(request.get("config")))
+    except ConfigError as exc:
+        raise JobError(f"invalid config in the job request: {exc}") from None
+    return kind, config, options
+
+
+class JobLog:
+    """Lines of a job's log: to Redis (readable from any machine) and to the run's job.log.
+
+    Warnings that the library logs while the job runs are added too.
+    """
+
+    def __init__(self, job) -> None:
+        self.job = job
+        self.file = None
+        self.pending: list[str] = []
+        self.handler = _Relay(self)
+        logging.getLogger("vtadl").addHandler(self.handler)
+
+    def line(self, text: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+        append_log(self.job.connection, self.job.id, stamped)
+        if self.file is None:
+            self.pending.append(stamped)
+        else:
+            self.file.write(stamped + "\n")
+            self.file.flush()
+
+    def to_file(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")  # noqa: SIM115 - closed in close()
+        for stamped in self.pending:
+            self.file.write(stamped + "\n")
+        self.pending.clear()
+        self.file.flush()
+
+    def close(self) -> None:
+        logging.getLogger("vtadl").removeHandler(self.handler)
+        if self.file is not None:
+            self.file.close()
+
+
+class _Relay(logging.Handler):
+    def __init__(self, joblog: JobLog) -> None:
+        super().__init__(logging.WARNING)
+        self.joblog = joblog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.joblog.line(f"{record.levelname.lower()}: {record.getMessage()}")
+        except Exception:  # a log line must never fail the job
+            self.handleError(record)
+
+
+class _Progress:
+    """Training callbacks that publish progress in the job's meta and log."""
+
+    def __init__(self, job, joblog: JobLog) -> None:
+        self.job, self.joblog = job, joblog
+        self.epochs = 0
+
+    def on_train_start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
+        self.epochs = epochs
+        self.job.meta["epochs"] = epochs
+        self.job.save_meta()
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        pass
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        self.job.meta["epoch"] = record["epoch"]
+        self.job.save_meta()
+        self.joblog.line(
+            f"epoch {record['epoch']}/{self.epochs}  loss {record['loss']:.4f}  "
+            f"val {record['val_loss']:.4f}  {record['seconds']:.1f} s"
+        )
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """The queue's only job function (see `vtadl.worker.ALLOWED_FUNCTIONS`)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    joblog = JobLog(job)
+    job.meta["attempts"] = job.meta.get("attempts", 0) + 1
+    job.meta["worker_host"] = socket.gethostname()
+    job.meta["error"] = None
+    job.save_meta()
+    try:
+        kind, config, options = parse_request(request)
+        if kind == "train":
+            return _train(job, config, joblog)
+        return _tune(job, config, options, joblog)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()
+        line = message[0] if isinstance(exc, VtadlError) and message else _one_line(exc)
+        job.meta["error"] = line
+        job.save_meta()
+        joblog.line(f"failed: {line}")
+        raise
+    finally:
+        joblog.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1]}" if text else type(exc).__name__
+
+
+def _with_worker_ray(config: Config) -> Config:
+    """A distributed job without its own Ray address uses the worker's (`--ray-address`)."""
+    from vtadl.worker import RAY_ADDRESS_ENV
+
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    if address and config.train.strategy != "single" and not config.train.ray_address:
+        return config.override(train={"ray_address": address})
+    return config
+
+
+def _train(job, config: Config, joblog: JobLog) -> dict[str, Any]:
+    from vtadl.runs import train_and_evaluate
+    from vtadl.training import LAST, new_run_dir
+
+    config = _with_worker_ray(config)
+    d = config.data
+    if job.meta.get("run_dir"):
+        run_dir = Path(job.meta["run_dir"])
+        if (run_dir / "checkpoints" / LAST).exists():
+            joblog.line(f"resuming {run_dir} from its last checkpoint")
+    else:
+        run_dir = new_run_dir(config).resolve()
+        job.meta["run_dir"] = str(run_dir)
+        job.save_meta()
+    joblog.to_file(run_dir / "job.log")
+    joblog.line(
+        f"train {d.dataset}/{d.category}: {config.variant}, {config.train.epochs} epochs, "
+        f"strategy {config.train.strategy}, attempt {job.meta['attempts']}, "
+        f"on {job.meta['worker_host']}; run folder {run_dir}"
+    )
+    run_dir, metrics = train_and_evaluate(config, run_dir=run_dir, callbacks=_Progress(job, joblog))
+    headline = {k: metrics.get(k) for k in HEADLINE}
+    job.meta["metrics"] = headline
+    job.save_meta()
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if isinstance(v, float))
+    joblog.line(f"finished: {shown}")
+    return {
+        "kind": "train",
+        "dataset": d.dataset,
+        "category": d.category,
+        "run_dir": str(run_dir),
+        "metrics": headline,
+    }
+
+
+def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[str, Any]:
+    try:
+        from vtadl.tuning import tune
+    except ImportError:
+        raise JobError("this worker's vtadl cannot run tune jobs; update it") from None
+    joblog.line(f"tune {config.data.dataset}/{config.data.category}: {options}")
+    result = tune(_with_worker_ray(config), options)
+    metrics = result.get("metrics") or {}
+    job.meta["run_dir"] = result.get("run_dir")
+    job.meta["metrics"] = {k: metrics.get(k) for k in HEADLINE}
+    job.save_meta()
+    joblog.line("finished")
+    return {"kind": "tune", **result}
