@@ -7,7 +7,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs
-DEMO_CATEGORIES ?= brick grass gravel
 DEMO_EPOCHS ?= 25
 
 .PHONY: install demo test lint clean
@@ -21,13 +20,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The service's demo: submit every demo category to the queue (a private Redis is started when
+# VTADL_REDIS_URL is not set), drain it with a burst worker, print the results table.
 demo: install
 	$(VENV)/bin/vtadl data demo $(DEMO_DATA)
-	@for c in $(DEMO_CATEGORIES); do \
-		$(VENV)/bin/vtadl train --dataset mvtec --root $(DEMO_DATA) --category $$c \
-			--variant vtadl_small --epochs $(DEMO_EPOCHS) --out $(DEMO_RUNS) || exit 1; \
-	done
-	@echo "results: $(DEMO_RUNS)/mvtec/<category>/<run>/ (metrics.json, maps/*.png, tensorboard/)"
+	$(VENV)/bin/vtadl submit --dataset mvtec --root $(DEMO_DATA) --all-categories \
+		--variant vtadl_small --epochs $(DEMO_EPOCHS) --out $(DEMO_RUNS)
+	$(VENV)/bin/vtadl worker --burst
+	$(VENV)/bin/vtadl results
+	@echo "run folders: $(DEMO_RUNS)/mvtec/<category>/<run>/ (metrics.json, maps/*.png, tensorboard/)"
 
 test: install
 	$(PY) -m pytest -q

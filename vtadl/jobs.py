@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class JobLog:
     def line(self, text: str) -> None:
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
         append_log(self.job.connection, self.job.id, stamped)
+        print(f"{self.job.id}: {text}", file=sys.stderr, flush=True)  # the worker's own log
         if self.file is None:
             self.pending.append(stamped)
         else:
@@ -122,6 +124,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     joblog = JobLog(job)
     job.meta["attempts"] = job.meta.get("attempts", 0) + 1
+    job.meta["began_at"] = time.time()
     job.meta["worker_host"] = socket.gethostname()
     job.meta["error"] = None
     job.save_meta()
