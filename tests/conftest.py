@@ -17,6 +17,25 @@ CATEGORY = "brick"
 TINY_DEMO = {"image_size": 32, "n_train": 12, "n_test_good": 4, "n_test_defect": 2}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state(tmp_path_factory: pytest.TempPathFactory):
+    """Keep the private Redis of any test that starts one out of the user's state folder,
+    and stop it at the end."""
+    import os
+
+    from vtadl.service import STATE_ENV, PrivateServer
+
+    folder = tmp_path_factory.mktemp("state")
+    previous = os.environ.get(STATE_ENV)
+    os.environ[STATE_ENV] = str(folder)
+    yield folder
+    PrivateServer(folder / "redis").stop()
+    if previous is None:
+        os.environ.pop(STATE_ENV, None)
+    else:
+        os.environ[STATE_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only-by-convention tiny demo dataset; copy it (`demo_copy`) before changing it."""
