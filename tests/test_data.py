@@ -235,11 +235,12 @@ def test_load_image_missing_file(tmp_path: Path) -> None:
 
 
 def test_load_mask(tmp_path: Path) -> None:
-    values = np.array([[0, 255, 0], [0, 1, 0]], dtype=np.uint8)
-    Image.fromarray(values).save(tmp_path / "m.png")
-    mask = load_mask(tmp_path / "m.png", shape=(2, 3))
-    assert mask.dtype == bool
-    np.testing.assert_array_equal(mask, values != 0)
+    for high in (255, 1):  # a binary mask counts every nonzero pixel, 0/255 and 0/1 alike
+        values = np.array([[0, high, 0], [0, high, 0]], dtype=np.uint8)
+        Image.fromarray(values).save(tmp_path / "m.png")
+        mask = load_mask(tmp_path / "m.png", shape=(2, 3))
+        assert mask.dtype == bool
+        np.testing.assert_array_equal(mask, values != 0)
     colour = np.zeros((2, 3, 3), dtype=np.uint8)
     colour[1, 2, 0] = 255
     Image.fromarray(colour).save(tmp_path / "c.png")

@@ -3,9 +3,10 @@
 Errors are what makes indexing, packing or the metrics fail or wrong (missing or empty
 folders, unreadable or truncated images, a defect image without a mask, a mask of another
 size than its image). Warnings are what is read anyway but deserves a look: a mask without
-an image (ignored), a non-binary mask (every nonzero pixel counts as anomalous), images of
-mixed channel counts (all are read as RGB). Every image and mask is decoded in full, so a
-truncated file is found; this is the slow part, about the cost of one training epoch.
+an image (ignored), a non-binary mask (binarised by `images.binarise_mask`, the one rule that
+every reader applies), a mask that marks no pixel, images of mixed channel counts (all are read
+as RGB). Every image and mask is decoded in full, so a truncated file is found; this is the
+slow part, about the cost of one training epoch.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from vtadl.data import INDEXERS
 from vtadl.data.btad import BTAD_LAYOUT
 from vtadl.data.folder import scan_folder
-from vtadl.data.images import _DECODE_ERRORS, _reason
+from vtadl.data.images import _DECODE_ERRORS, _reason, binarise_mask, not_binary_message
 from vtadl.data.mnist import scan_mnist
 from vtadl.data.mvtec import MVTEC_LAYOUT
 from vtadl.data.reader import sample_image_size
@@ -31,7 +31,6 @@ from vtadl.exceptions import DataError
 logger = logging.getLogger(__name__)
 
 _LAYOUTS = {"mvtec": MVTEC_LAYOUT, "btad": BTAD_LAYOUT, "folder": None}
-_MAX_VALUES_SHOWN = 4
 
 
 @dataclass
@@ -90,16 +89,16 @@ def _mask_problems(mask: Path, image_hw: tuple[int, int] | None) -> list[Problem
                 "error", mask, f"mask {mask} is {img.height}x{img.width} but its image is {h}x{w}"
             )
         )
-    values = np.unique(np.asarray(img.convert("RGBA") if img.mode == "P" else img))
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:_MAX_VALUES_SHOWN])
-        more = ", ..." if len(values) > _MAX_VALUES_SHOWN else ""
+    anomalous, values = binarise_mask(img)
+    if values is not None:
+        problems.append(Problem("warning", mask, not_binary_message(mask, values)))
+    if not anomalous.any():
         problems.append(
             Problem(
                 "warning",
                 mask,
-                f"mask {mask} is not binary ({len(values)} values: {shown}{more}); "
-                "every nonzero pixel counts as anomalous",
+                f"mask {mask} marks no anomalous pixel: its image counts for image AUROC only "
+                "(a category whose masks are all empty gets no pixel metrics)",
             )
         )
     return problems

@@ -90,6 +90,14 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> n
     return np.array(rgb, dtype=np.uint8)
 
 
+def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """A decoded uint8 image resized exactly as `load_image(path, size)` resizes it."""
+    h, w = _target_hw(size)
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) read from the file header, without decoding the pixels."""
     path = Path(path)
@@ -101,19 +109,57 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
 
 
-def _mask_to_bool(img: Image.Image) -> np.ndarray:
+# The one rule that turns a mask file into anomalous pixels, for training, evaluation, packing
+# and `data check` alike. A mask with two values, one of them 0 (MVTec's and BTAD's 0/255, or
+# 0/1), counts every nonzero pixel. Any other mask (grey levels from JPEG compression,
+# anti-aliased edges, a soft brush) is binarised at MASK_THRESHOLD on the 8-bit scale, half
+# the range, and a warning names it. Binarising rather than refusing: compression noise stays
+# near 0 and 255, so the midpoint recovers the shape that was drawn, and JPEG masks are common
+# enough that refusing them would turn away usable datasets; counting every nonzero pixel
+# (the old rule) would grow each defect by its halo of compression noise.
+MASK_THRESHOLD = 127
+MASK_RULE = f"two values with 0: nonzero; otherwise > {MASK_THRESHOLD} of 255"
+_VALUES_SHOWN = 4
+
+
+def _mask_levels(img: Image.Image) -> np.ndarray:
+    """A mask's values as one 2-D array: alpha dropped, colour channels by their maximum."""
     if img.mode == "P":
         img = img.convert("RGBA")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in _HIGH_BIT_MODES:
+        return np.asarray(img)
     arr = np.asarray(img)
-    if arr.ndim == 2:
-        return arr != 0
-    if img.mode in _ALPHA_MODES:
-        arr = arr[..., :-1]
-    return np.any(arr != 0, axis=-1)
+    if arr.ndim == 3:
+        arr = arr[..., :-1] if img.mode in _ALPHA_MODES else arr
+        arr = arr.max(axis=-1)
+    return arr
+
+
+def binarise_mask(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Anomalous pixels (bool (H, W)) by the rule above, and the mask's distinct values when
+    it was not binary and the threshold decided (None otherwise)."""
+    levels = _mask_levels(img)
+    values = np.unique(levels)
+    if len(values) == 1 or (len(values) == 2 and values[0] == 0):
+        return levels != 0, None
+    if img.mode in _HIGH_BIT_MODES:
+        levels = _high_bit_to_uint8(Image.fromarray(levels))
+    return levels > MASK_THRESHOLD, values
+
+
+def not_binary_message(path: Path, values: np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in values[:_VALUES_SHOWN])
+    more = ", ..." if len(values) > _VALUES_SHOWN else ""
+    return (
+        f"mask {path} is not binary ({len(values)} values: {shown}{more}); "
+        f"pixels above {MASK_THRESHOLD} of 255 count as anomalous"
+    )
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a ground-truth mask to bool (H, W); any nonzero pixel is anomalous.
+    """Decode a ground-truth mask to bool (H, W) by the rule of `binarise_mask`.
 
     With `shape` (the image's (height, width)), a mask of another size is a DataError.
     """
@@ -125,7 +171,9 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
                 h, w = shape
                 raise DataError(f"mask {path} is {img.height}x{img.width} but its image is {h}x{w}")
             img.load()
-            mask = _mask_to_bool(img)
+            mask, values = binarise_mask(img)
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot read mask {path}: {_reason(exc)}") from exc
+    if values is not None:
+        logger.warning("%s", not_binary_message(path, values))
     return np.ascontiguousarray(mask, dtype=bool)

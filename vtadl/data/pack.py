@@ -18,10 +18,11 @@ one call, and, unlike a variable-length dataset, each can be gzip-compressed (ma
 zeros) and is only read at evaluation. `names` are relative to the root, `file#record` for
 MNIST records. Attributes: the pack parameters, the vtadl version, and `source_hash`, a
 SHA-256 over every source file's name, size and modification time plus each sample's split,
-label and defect. Metadata, not contents: it costs one `stat` per file, so it can run at
-every training start, where hashing file contents would read the whole dataset each time;
-an edit that keeps both size and mtime goes unnoticed. A pack is written to a temporary file
-and renamed into place, so a crash never leaves a half-written pack under the final name.
+label and defect, and the rule that binarises masks. Metadata, not contents: it costs one
+`stat` per file, so it can run at every training start, where hashing file contents would read
+the whole dataset each time; an edit that keeps both size and mtime goes unnoticed. A pack is
+written to a temporary file and renamed into place, so a crash never leaves a half-written pack
+under the final name.
 
 Compression, measured with benchmarks/loader_throughput.py (chunk = one image; random
 single-image reads per second with the chunk cache off; size relative to raw):
@@ -54,6 +55,7 @@ from PIL import Image
 import vtadl
 from vtadl.data import index_dataset
 from vtadl.data.folder import LAYOUT_FILE
+from vtadl.data.images import MASK_RULE
 from vtadl.data.packed import (
     FORMAT,
     FORMAT_VERSION,
@@ -132,8 +134,13 @@ def _stat_line(path: Path, cache: dict[Path, str]) -> str:
 
 
 def source_hash(samples: Sequence[Sample], root: str | Path) -> str:
-    """SHA-256 of the index and of each source file's name, size and mtime (no contents)."""
+    """SHA-256 of the index and of each source file's name, size and mtime (no contents).
+
+    The rule that binarises masks is hashed too: a pack whose masks were read by another rule
+    is stale.
+    """
     digest, stats = hashlib.sha256(), {}
+    digest.update(f"masks: {MASK_RULE}\n".encode())
     layout = Path(root) / LAYOUT_FILE
     if layout.is_file():
         digest.update(layout.read_bytes())
