@@ -365,6 +365,7 @@ def data_download(
 
 
 from vtadl import cli_jobs  # noqa: E402,F401  (registers the job service's commands)
+from vtadl import cli_tune  # noqa: E402,F401  (registers tune, report, dashboard)
 
 
 def run() -> None:
