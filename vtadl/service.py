@@ -91,6 +91,7 @@ class RedisServer:
     port: int
     password: str = ""
     binary: str = ""
+    bind: tuple[str, ...] = ()  # addresses besides 127.0.0.1 (a cluster's private interface)
 
     @property
     def url(self) -> str:
@@ -99,7 +100,7 @@ class RedisServer:
 
     def config(self) -> str:
         lines = [
-            "bind 127.0.0.1",
+            "bind " + " ".join(dict.fromkeys(("127.0.0.1", *self.bind))),
             f"port {self.port}",
             f"dir {self.folder}",
             "appendonly yes",
@@ -202,23 +203,35 @@ class PrivateServer:
             raw = json.loads(self.record.read_text())
         except (OSError, ValueError):
             return None
-        return RedisServer(self.folder, int(raw["port"]), raw.get("password", ""))
+        bind = tuple(raw.get("bind", ()))
+        return RedisServer(self.folder, int(raw["port"]), raw.get("password", ""), bind=bind)
 
     def running(self) -> RedisServer | None:
         server = self.saved()
         return server if server is not None and server.alive() else None
 
-    def ensure(self) -> RedisServer:
-        """The running private server, started (with its data from before) if it is not."""
+    def ensure(
+        self, *, port: int | None = None, bind: tuple[str, ...] = (), password: str | None = None
+    ) -> RedisServer:
+        """The running server, started (with its data from before) if it is not. By default
+        on a free port of 127.0.0.1 with a random password; a cluster's head gives a port,
+        its private address and the cluster's password."""
         server = self.running()
         if server is not None:
+            if port and server.port != port:
+                raise ServiceError(
+                    f"a server of {self.folder} already runs on port {server.port}; "
+                    "stop it first (vtadl service stop)"
+                )
             return server
         saved = self.saved()
-        password = saved.password if saved else secrets.token_urlsafe(24)
-        server = RedisServer(self.folder, free_port(), password)
+        password = password or (saved.password if saved else secrets.token_urlsafe(24))
+        server = RedisServer(self.folder, port or free_port(), password, bind=bind)
         self.folder.mkdir(parents=True, exist_ok=True)
         server.start()
-        self.record.write_text(json.dumps({"port": server.port, "password": password}))
+        self.record.write_text(
+            json.dumps({"port": server.port, "password": password, "bind": list(bind)})
+        )
         self.record.chmod(0o600)
         log.info("started a private Redis on 127.0.0.1:%d (%s)", server.port, self.folder)
         return server
