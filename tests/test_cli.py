@@ -129,7 +129,7 @@ def test_predict(demo_run: tuple[Path, dict], tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", trained["run_dir"], str(image), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "1 images scored" in result.output
-    rows = json.loads((out / "scores.json").read_text())
+    rows = json.loads((out / "scores.json").read_text())["images"]
     assert [r["image"] for r in rows] == [str(image)]
     assert (out / rows[0]["heatmap"]).is_file()
 

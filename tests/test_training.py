@@ -221,18 +221,19 @@ def test_predict_writes_scores_and_heatmaps(
     folder = demo_root / CATEGORY / "test" / "good"
     single = demo_root / CATEGORY / "test" / "stain" / "000.png"
     out = tmp_path / "pred"
-    rows = predict(run_dir, [folder, single], out)
+    result = predict(run_dir, [folder, single], out)
     n_images = len(list(folder.glob("*.png"))) + 1
     assert n_images == 5
     saved = json.loads((out / "scores.json").read_text())
-    assert saved == rows
-    assert len(saved) == n_images
-    assert saved[-1]["image"] == str(single)
-    for row in saved:
+    assert saved == result and saved["failed"] == []
+    rows = saved["images"]
+    assert len(rows) == n_images
+    assert rows[-1]["image"] == str(single) and rows[-1]["heatmap"] == "stain/000.png"
+    assert rows[0]["heatmap"] == "good/000.png"
+    for row in rows:
         assert math.isfinite(row["score"])
-        assert row["anomalous"] == (row["score"] > row["threshold"])
         assert (out / row["heatmap"]).is_file()
-    assert len(list(out.glob("*.png"))) == n_images
+    assert len(list(out.rglob("*.png"))) == n_images
 
 
 def test_grid_shifts_give_a_finer_map_and_are_recorded(make_config) -> None:

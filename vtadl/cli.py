@@ -82,8 +82,23 @@ def _print_metrics(result: dict, run_dir: Path, as_json: bool) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, name in METRIC_NAMES.items():
-        table.add_row(name, f"{result[key]:.4f}")
+        if result.get(key) is not None:
+            table.add_row(name, f"{result[key]:.4f}")
     out.print(table)
+    if result.get("pixel_metrics_absent"):
+        out.print(f"no pixel metrics: {result['pixel_metrics_absent']}", highlight=False)
+    by_defect = result.get("by_defect") or {}
+    if len(by_defect) > 1:
+        per = Table(title="each defect type against the good test images")
+        keys = ["image_auroc"] + ([] if result.get("pixel_metrics_absent") else ["pixel_auroc"])
+        per.add_column("defect type")
+        per.add_column("images", justify="right")
+        for key in keys:
+            per.add_column(METRIC_NAMES[key], justify="right")
+        for defect, m in by_defect.items():
+            values = ["-" if m[k] is None else f"{m[k]:.4f}" for k in keys]
+            per.add_row(defect, str(m["n_images"]), *values)
+        out.print(per)
     out.print(f"run folder: {run_dir}  (heat maps in {run_dir / 'maps'})", highlight=False)
 
 
@@ -239,15 +254,27 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for heat maps and scores.json."),
 ) -> None:
-    """Score new images: heat-map overlays and scores.json (threshold from validation images)."""
+    """Score new images: heat maps and scores.json (threshold from validation images).
+
+    Exit code 1 when some images could not be read; the others are scored all the same.
+    """
     from vtadl.evaluation import predict as predict_images
 
-    rows = predict_images(run_dir, images, out_dir)
-    flagged = sum(r["anomalous"] for r in rows)
+    result = predict_images(run_dir, images, out_dir)
+    for failure in result["failed"]:
+        err.print(
+            f"[yellow]skipped:[/yellow] {escape(failure['error'])}", highlight=False, soft_wrap=True
+        )
+    scored = result["images"]
+    flagged = sum(r["anomalous"] for r in scored)
     out.print(
-        f"{len(rows)} images scored, {flagged} above the threshold; see {out_dir / 'scores.json'}",
+        f"{len(scored)} images scored, {flagged} above the threshold "
+        f"{result['threshold']:.3f}; see {out_dir / 'scores.json'}",
         highlight=False,
     )
+    if result["failed"]:
+        err.print(f"{len(result['failed'])} images could not be read", highlight=False)
+        raise typer.Exit(1)
 
 
 @data_app.command("demo")

@@ -1,4 +1,4 @@
-"""Anomaly maps, exact metrics on the test split, heat maps, and prediction on new images.
+"""Anomaly maps, exact metrics on the test split, and heat maps; `predict` scores new images.
 
 A map starts at model resolution from two raw scores: the per-patch mixture NLL on the token
 grid and the per-pixel squared reconstruction error. Both are heavy tailed: a defect's
@@ -28,10 +28,9 @@ from scipy.ndimage import gaussian_filter
 
 from vtadl import metrics
 from vtadl.config import Config, EvalConfig
-from vtadl.data.images import load_image
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
-from vtadl.data.tiles import cut_tiles, stitch_tiles
+from vtadl.data.tiles import stitch_tiles
 from vtadl.exceptions import DataError, RunError
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.model import VTADL, Mixture
@@ -39,8 +38,6 @@ from vtadl.training import BEST, autocast, model_from_checkpoint, pick_device
 from vtadl.visualize import save_heatmap
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -291,7 +288,8 @@ def evaluate_run(
     """Score the test split of a run with its best checkpoint; write metrics.json and maps/.
 
     `eval_overrides` (score, image_score, smoothing_sigma) evaluate the same model another way;
-    metrics.json records which way.
+    metrics.json records which way. Pixel metrics are None, with the reason in
+    `pixel_metrics_absent`, when no test mask marks a pixel (MNIST, or empty masks).
     """
     scorer = Scorer(run_dir, eval_overrides=eval_overrides)
     c, src = scorer.config, scorer.source
@@ -307,14 +305,16 @@ def evaluate_run(
             progress(i + 1, len(items))
     labels = np.array([it.label for it in items])
     scores = np.array([image_score(m, scorer.eval.image_score) for m in maps])
-    has_masks = any(m.any() for m in masks)  # MNIST has image-level labels only
+    absent = _why_no_pixel_metrics(c.data.dataset, labels, masks)
     result = {
         "image_auroc": metrics.image_auroc(scores, labels),
-        "pixel_auroc": metrics.pixel_auroc(maps, masks) if has_masks else None,
-        "au_pro": metrics.au_pro(maps, masks, fpr_limit=0.3) if has_masks else None,
+        "pixel_auroc": None if absent else metrics.pixel_auroc(maps, masks),
+        "au_pro": None if absent else metrics.au_pro(maps, masks, fpr_limit=0.3),
         "au_pro_fpr_limit": 0.3,
+        "pixel_metrics_absent": absent,
         "n_test": len(labels),
         "n_anomalous": int(labels.sum()),
+        "threshold": scorer.calibration.image_threshold,
         "score": scorer.eval.score,
         "score_scale": scorer.eval.scale,
         "image_score": scorer.eval.image_score,
@@ -326,23 +326,56 @@ def evaluate_run(
         "dataset": c.data.dataset,
         "category": c.data.category,
         "variant": c.variant,
+        "by_defect": _by_defect(items, scores, maps, masks),
+        "images": [
+            {"name": it.name, "defect": it.defect, "label": it.label, "score": float(s)}
+            for it, s in zip(items, scores)
+        ],
     }
     run = Path(run_dir)
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
-    _write_sample_maps(run / "maps", src, items, maps, masks, scorer.calibration, c.eval.n_maps)
+    _write_sample_maps(run / "maps", src, items, maps, masks, scores, scorer.calibration, c.eval)
     return result
 
 
-def _write_sample_maps(out: Path, src: Source, items, maps, masks, cal: Calibration, n: int):
-    """Heat maps for up to `n` test images, spread over the defect types."""
+def _why_no_pixel_metrics(dataset: str, labels: np.ndarray, masks: list[np.ndarray]) -> str | None:
+    if any(m.any() for m in masks):
+        return None
+    if dataset == "mnist":
+        return "MNIST has image-level labels only, no masks"
+    return f"the masks of all {int(labels.sum())} defective test images mark no pixel"
+
+
+def _by_defect(items, scores: np.ndarray, maps: list, masks: list) -> dict[str, dict]:
+    """Per defect type: image and pixel AUROC of that type's images against the good ones
+    (the pixel AUROC pools the pixels of both; None when the type's masks mark nothing)."""
+    good = [i for i, it in enumerate(items) if it.label == 0]
+    out: dict[str, dict] = {}
+    for defect in sorted({it.defect for it in items if it.label == 1}):
+        bad = [i for i, it in enumerate(items) if it.label == 1 and it.defect == defect]
+        both = good + bad
+        out[defect] = {
+            "n_images": len(bad),
+            "image_auroc": metrics.image_auroc(scores[both], [items[i].label for i in both]),
+            "pixel_auroc": (
+                metrics.pixel_auroc([maps[i] for i in both], [masks[i] for i in both])
+                if any(masks[i].any() for i in bad)
+                else None
+            ),
+        }
+    return out
+
+
+def _write_sample_maps(out: Path, src: Source, items, maps, masks, scores, cal, ec: EvalConfig):
+    """Heat maps for up to `ec.n_maps` test images, spread over the defect types."""
     out.mkdir(parents=True, exist_ok=True)
     by_defect: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_defect.setdefault(item.defect, []).append(i)
     chosen: list[int] = []
-    while len(chosen) < min(n, len(items)):
+    while len(chosen) < min(ec.n_maps, len(items)):
         for idx in by_defect.values():
-            if idx and len(chosen) < n:
+            if idx and len(chosen) < ec.n_maps:
                 chosen.append(idx.pop(0))
     for i in chosen:
         stem = Path(items[i].name.split("#")[0]).stem + items[i].name.partition("#")[2]
@@ -350,53 +383,18 @@ def _write_sample_maps(out: Path, src: Source, items, maps, masks, cal: Calibrat
             out / f"{items[i].defect}_{stem}.png",
             src.display_image("test", i),
             maps[i],
-            masks[i],
-            cal.display_low,
-            cal.display_high,
+            name=f"{items[i].name} (ground truth: {items[i].defect})",
+            score=float(scores[i]),
+            threshold=cal.image_threshold,
+            low=cal.display_low,
+            high=cal.display_high,
+            mask=masks[i] if masks[i].any() else None,
         )
 
 
-def _expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise DataError(f"no images found in {item}")
-            paths += found
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise DataError(f"no such image or folder: {item}")
-    return paths
+def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) -> dict:
+    """Score new images with a run: a heat map each and out/scores.json, which this returns
+    (see `vtadl.prediction`)."""
+    from vtadl.prediction import predict_images
 
-
-def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) -> list[dict]:
-    """Heat-map overlays and scores for new images; writes out/scores.json."""
-    scorer = Scorer(run_dir)
-    paths = _expand_inputs(inputs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cal, rows = scorer.calibration, []
-    d, size = scorer.config.data, scorer.config.model.img_size
-    for path in paths:
-        image = load_image(path)
-        if d.tile:
-            inputs_, corners = cut_tiles(image, d.tile, d.tile_overlap)
-        else:
-            inputs_, corners = load_image(path, size)[None], None
-        amap = scorer.image_map(scorer.raw(inputs_), corners, image.shape[:2])
-        score = image_score(amap, scorer.eval.image_score)
-        name = f"{len(rows):04d}_{path.stem}.png"
-        save_heatmap(out / name, image, amap, None, cal.display_low, cal.display_high)
-        rows.append(
-            {
-                "image": str(path),
-                "score": score,
-                "threshold": cal.image_threshold,
-                "anomalous": score > cal.image_threshold,
-                "heatmap": name,
-            }
-        )
-    (out / "scores.json").write_text(json.dumps(rows, indent=2))
-    return rows
+    return predict_images(Scorer(run_dir), inputs, out)

@@ -98,6 +98,7 @@ class PackSource:
         self.path, self.tile = path, d.tile
         self.index = pack_index(path)
         self.rows = split_rows(self.index, d.val_fraction, config.train.seed)
+        self.samples = self.index.samples(d.root)
 
     def dataset(self, split: str) -> Dataset:
         return PackedImages(self.path, self.rows[split], tiles=bool(self.tile))
@@ -119,7 +120,16 @@ class PackSource:
         return read_mask(self.path, self.rows[split][i]).astype(bool)
 
     def display_image(self, split: str, i: int) -> np.ndarray:
-        return read_images(self.path, [self.rows[split][i]])[0]
+        """The source file at full resolution (sharp); the pack's resized copy if it is gone."""
+        row = self.rows[split][i]
+        try:
+            image = read_sample_image(self.samples[row])
+        except DataError as exc:
+            log.info("showing the packed copy: %s", exc)
+            return read_images(self.path, [row])[0]
+        if image.shape[:2] != tuple(self.index.shapes[row]):
+            return read_images(self.path, [row])[0]
+        return image
 
 
 Source = FileSource | PackSource

@@ -1,0 +1,360 @@
+"""Evaluation pinned to what it must find: a tiny product with large, obvious defects whose
+positions are known, trained for a few epochs of vtadl_tiny.
+
+The tree: 64 px images of a smooth texture; each defect is a 20 px square in one corner,
+bright ("bright") or dark ("dark"); masks mark exactly the square. A map that points at the
+square scores a pixel AUROC near 1; the same map against masks turned 180 degrees (the
+square in the opposite corner) scores near 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from vtadl.cli import app
+from vtadl.config import Config, default_config
+from vtadl.data import index_dataset
+from vtadl.data.check import check_dataset
+from vtadl.data.images import MASK_THRESHOLD, load_mask
+from vtadl.data.mnist import MNIST_FILES, write_idx
+from vtadl.data.prepare import split_samples
+from vtadl.data.source import FileSource, PackSource, category_source
+from vtadl.evaluation import evaluate_run, predict
+from vtadl.exceptions import VtadlError
+from vtadl.training import fit
+
+CATEGORY = "plate"
+SIZE, SIDE, MARGIN = 64, 20, 4
+# (defect type, file stem, corner (row, column): 0 top/left, 1 bottom/right, grey level)
+DEFECTS = [
+    ("bright", "000", (0, 0), 250),
+    ("bright", "001", (1, 1), 250),
+    ("bright", "002", (0, 1), 250),
+    ("dark", "000", (1, 0), 5),
+    ("dark", "001", (0, 1), 5),
+]
+N_GOOD_TEST = 3
+
+runner = CliRunner()
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[:SIZE, :SIZE]
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    grey = 110 + 25 * np.sin(x / 5 + phase[0]) * np.cos(y / 7 + phase[1])
+    grey = grey + rng.normal(0, 3, (SIZE, SIZE))
+    return np.clip(np.stack([grey, grey * 0.8, grey * 0.6], -1), 0, 255).astype(np.uint8)
+
+
+def _square(corner: tuple[int, int]) -> tuple[slice, slice]:
+    y, x = (MARGIN if c == 0 else SIZE - MARGIN - SIDE for c in corner)
+    return slice(y, y + SIDE), slice(x, x + SIDE)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _mask_path(root: Path, defect: str, stem: str) -> Path:
+    return root / CATEGORY / "ground_truth" / defect / f"{stem}_mask.png"
+
+
+def write_plate(root: Path, n_train: int = 10) -> Path:
+    """The tiny product under root/plate; returns root."""
+    rng = np.random.default_rng(0)
+    for i in range(n_train):
+        _save(root / CATEGORY / "train" / "good" / f"{i:03d}.png", _texture(rng))
+    for i in range(N_GOOD_TEST):
+        _save(root / CATEGORY / "test" / "good" / f"{i:03d}.png", _texture(rng))
+    for defect, stem, corner, level in DEFECTS:
+        image, mask = _texture(rng), np.zeros((SIZE, SIZE), np.uint8)
+        image[_square(corner)] = level
+        mask[_square(corner)] = 255
+        _save(root / CATEGORY / "test" / defect / f"{stem}.png", image)
+        _save(_mask_path(root, defect, stem), mask)
+    return root
+
+
+def plate_config(root: Path, out: Path, **data) -> Config:
+    return default_config("vtadl_tiny").override(
+        data={"root": str(root), "category": CATEGORY, **data},
+        train={"epochs": 3, "batch_size": 4, "out": str(out)},
+    )
+
+
+@contextmanager
+def masks_turned(root: Path) -> Iterator[None]:
+    """Every mask turned 180 degrees on disk for the block (the square in the far corner)."""
+    saved = {}
+    for defect, stem, _, _ in DEFECTS:
+        path = _mask_path(root, defect, stem)
+        saved[path] = path.read_bytes()
+        _save(path, np.rot90(np.asarray(Image.open(path)), 2).copy())
+    try:
+        yield
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_plate(tmp_path_factory.mktemp("plate"))
+
+
+@pytest.fixture(scope="module")
+def plate_run(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 epochs on the whole images (resized to 32 px), read from an automatic pack."""
+    return fit(plate_config(plate, tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def tiled_run(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 epochs on the four 32 px tiles of each 64 px image; maps are stitched."""
+    return fit(plate_config(plate, tmp_path_factory.mktemp("runs"), tile=32))
+
+
+def _inside(yx: list[int], corner: tuple[int, int]) -> bool:
+    rows, cols = _square(corner)
+    return rows.start <= yx[0] < rows.stop and cols.start <= yx[1] < cols.stop
+
+
+# ---------------------------------------------------------------- maps against known defects
+
+
+@pytest.mark.parametrize("run", ["plate_run", "tiled_run"])
+def test_pixel_metrics_see_the_defect_and_not_its_mirror_image(
+    run: str, plate: Path, request: pytest.FixtureRequest
+) -> None:
+    run_dir = request.getfixturevalue(run)
+    result = evaluate_run(run_dir)
+    assert result["image_auroc"] == 1.0
+    assert result["pixel_auroc"] > 0.95
+    assert result["au_pro"] > 0.85
+    for defect in ("bright", "dark"):
+        assert result["by_defect"][defect]["pixel_auroc"] > 0.95, defect
+    with masks_turned(plate):
+        turned = evaluate_run(run_dir)
+    assert turned["image_auroc"] == 1.0  # image scores do not depend on masks
+    # Chance level at best: the turned masks cover plain texture, and the squares count as
+    # normal pixels.
+    assert turned["pixel_auroc"] < 0.65
+    assert turned["au_pro"] < 0.2
+
+
+@pytest.mark.parametrize("run", ["plate_run", "tiled_run"])
+def test_predicted_map_peaks_on_the_defect(
+    run: str, plate: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    run_dir = request.getfixturevalue(run)
+    result = predict(run_dir, [plate / CATEGORY / "test"], tmp_path / "pred")
+    rows = {r["image"]: r for r in result["images"]}
+    assert len(rows) == N_GOOD_TEST + len(DEFECTS) and not result["failed"]
+    for defect, stem, corner, _ in DEFECTS:
+        row = rows[str(plate / CATEGORY / "test" / defect / f"{stem}.png")]
+        assert _inside(row["max_at"], corner), (defect, stem, row["max_at"])
+        assert row["anomalous"]
+
+
+def test_threshold_is_the_highest_validation_score(plate: Path, plate_run: Path, tmp_path: Path):
+    cfg = plate_config(plate, tmp_path)
+    samples = index_dataset("mvtec", plate, CATEGORY)
+    val = split_samples(samples, cfg.data.val_fraction, cfg.train.seed).val
+    result = predict(plate_run, [s.image for s in val], tmp_path / "pred")
+    scores = [r["score"] for r in result["images"]]
+    assert len(scores) == len(val) >= 1
+    assert result["threshold"] == pytest.approx(max(scores), rel=1e-5)
+    assert evaluate_run(plate_run)["threshold"] == pytest.approx(max(scores), rel=1e-5)
+    assert not any(r["anomalous"] for r in result["images"])
+
+
+def test_metrics_json_has_every_image_and_each_defect_type(plate_run: Path) -> None:
+    result = evaluate_run(plate_run)
+    assert json.loads((plate_run / "metrics.json").read_text()) == result
+    images = result["images"]
+    expected = {f"{CATEGORY}/test/good/{i:03d}.png": ("good", 0) for i in range(N_GOOD_TEST)}
+    expected |= {f"{CATEGORY}/test/{d}/{s}.png": (d, 1) for d, s, _, _ in DEFECTS}
+    assert {r["name"]: (r["defect"], r["label"]) for r in images} == expected
+    assert set(result["by_defect"]) == {"bright", "dark"}
+    for defect, m in result["by_defect"].items():
+        chosen = [r for r in images if r["defect"] in ("good", defect)]
+        labels, scores = [r["label"] for r in chosen], [r["score"] for r in chosen]
+        assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+        assert m["n_images"] == sum(labels)
+
+
+# ---------------------------------------------------------------- heat maps
+
+
+def test_heat_maps_are_large_and_show_the_source_file(plate: Path, plate_run: Path) -> None:
+    evaluate_run(plate_run)
+    with Image.open(plate_run / "maps" / "bright_000.png") as img:
+        width, height = img.size
+    assert width >= 3 * 256 and height >= 256 + 40  # three panels of 256 px and a title
+    # The left panel is the 64 px source file itself, not the pack's 32 px copy.
+    src = category_source(plate_config(plate, plate_run.parents[2]))
+    assert isinstance(src, PackSource)
+    i = [it.name for it in src.items("test")].index(f"{CATEGORY}/test/bright/000.png")
+    source = np.asarray(Image.open(plate / CATEGORY / "test" / "bright" / "000.png"))
+    np.testing.assert_array_equal(src.display_image("test", i), source)
+
+
+# ---------------------------------------------------------------- masks: one rule everywhere
+
+
+def _grey_masks(root: Path) -> None:
+    """Each mask as a JPEG-like grey picture: the square at 200, a soft edge, noise below."""
+    rng = np.random.default_rng(1)
+    for defect, stem, corner, _ in DEFECTS:
+        grey = rng.integers(0, 30, (SIZE, SIZE)).astype(np.uint8)
+        rows, cols = _square(corner)
+        grey[max(rows.start - 2, 0) : rows.stop + 2, max(cols.start - 2, 0) : cols.stop + 2] = 90
+        grey[rows, cols] = 200
+        _save(_mask_path(root, defect, stem), grey)
+
+
+def test_grey_mask_is_binarised_at_the_stated_threshold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))
+    _save(tmp_path / "ramp.png", ramp)
+    with caplog.at_level(logging.WARNING):
+        mask = load_mask(tmp_path / "ramp.png")
+    np.testing.assert_array_equal(mask, ramp > MASK_THRESHOLD)
+    assert "ramp.png is not binary (64 values" in caplog.text and "above 127" in caplog.text
+
+
+def test_evaluation_packing_and_check_read_grey_masks_alike(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_plate(root, n_train=4)
+    _grey_masks(root)
+    corners = {f"{CATEGORY}/test/{d}/{s}.png": corner for d, s, corner, _ in DEFECTS}
+    cfg = plate_config(root, tmp_path / "runs")
+    for source in (FileSource(cfg), category_source(cfg)):
+        for i, item in enumerate(source.items("test")):
+            truth = np.zeros((SIZE, SIZE), bool)
+            if item.name in corners:
+                truth[_square(corners[item.name])] = True
+            np.testing.assert_array_equal(source.mask("test", i), truth, err_msg=item.name)
+    assert isinstance(category_source(cfg), PackSource)
+    warnings = [p.message for p in check_dataset("mvtec", root, CATEGORY).warnings]
+    assert len(warnings) == len(DEFECTS)
+    assert all("not binary" in w and "above 127" in w for w in warnings)
+
+
+def test_check_warns_about_a_mask_that_marks_nothing(tmp_path: Path) -> None:
+    root = write_plate(tmp_path / "data", n_train=3)
+    empty = _mask_path(root, "dark", "001")
+    _save(empty, np.zeros((SIZE, SIZE), np.uint8))
+    report = check_dataset("mvtec", root, CATEGORY)
+    assert report.ok
+    assert [p.path for p in report.warnings] == [empty]
+    assert "marks no anomalous pixel" in report.warnings[0].message
+
+
+# ---------------------------------------------------------------- no masks: image AUROC only
+
+
+def _train_cli(*args: str):
+    return runner.invoke(
+        app,
+        ["train", *args, "--variant", "vtadl_tiny", "--image-size", "32", "--epochs", "1"],
+    )
+
+
+def test_train_on_mnist_prints_image_auroc_and_why_pixel_metrics_are_absent(tmp_path: Path):
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    root, out = tmp_path / "mnist", tmp_path / "runs"
+    root.mkdir()
+    write_idx(root / MNIST_FILES["train_images"], images[:60])
+    write_idx(root / MNIST_FILES["train_labels"], labels[:60])
+    write_idx(root / MNIST_FILES["test_images"], images[60:100])
+    write_idx(root / MNIST_FILES["test_labels"], labels[60:100])
+    result = _train_cli(
+        "--dataset", "mnist", "--root", str(root), "--category", "3", "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.stdout and "pixel AUROC" not in result.stdout
+    assert "no pixel metrics: MNIST has image-level labels only" in result.stdout
+    run_dir = next((out / "mnist" / "3").iterdir())
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["pixel_auroc"] is None and saved["au_pro"] is None
+    assert 0 <= saved["image_auroc"] <= 1
+
+
+def test_evaluate_with_empty_masks_prints_image_auroc_and_the_reason(tmp_path: Path) -> None:
+    root = write_plate(tmp_path / "data", n_train=4)
+    for defect, stem, _, _ in DEFECTS:
+        _save(_mask_path(root, defect, stem), np.zeros((SIZE, SIZE), np.uint8))
+    out = tmp_path / "runs"
+    trained = _train_cli("--root", str(root), "--category", CATEGORY, "--out", str(out))
+    assert trained.exit_code == 0, trained.output
+    run_dir = next((out / "mvtec" / CATEGORY).iterdir())
+    result = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    reason = f"no pixel metrics: the masks of all {len(DEFECTS)} defective test images mark"
+    assert reason in result.stdout
+    assert "image AUROC" in result.stdout and "AU-PRO" not in result.stdout
+
+
+# ---------------------------------------------------------------- predict on bad input
+
+
+def test_predict_scores_every_readable_image_and_lists_the_rest(
+    plate: Path, plate_run: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "incoming"
+    for defect in ("good", "bright"):
+        for name in ("000.png", "001.png"):
+            (folder / defect).mkdir(parents=True, exist_ok=True)
+            source = plate / CATEGORY / "test" / defect / name
+            (folder / defect / name).write_bytes(source.read_bytes())
+    truncated = folder / "good" / "000.png"
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    garbage = folder / "bright" / "002.png"
+    garbage.write_text("not an image")
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", str(plate_run), str(folder), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    saved = json.loads((out / "scores.json").read_text())
+    assert sorted(r["heatmap"] for r in saved["images"]) == [
+        "incoming/bright/000.png",
+        "incoming/bright/001.png",
+        "incoming/good/001.png",
+    ]
+    for row in saved["images"]:
+        assert (out / row["heatmap"]).is_file()
+    failed = {f["image"]: f["error"] for f in saved["failed"]}
+    assert set(failed) == {str(truncated), str(garbage)}
+    for path, reason in failed.items():
+        assert path in reason and "cannot read image" in reason
+        assert path in result.stderr
+    assert "3 images scored" in result.stdout
+
+
+def test_predict_names_an_unwritable_output_in_one_line(plate: Path, plate_run: Path, tmp_path):
+    image = plate / CATEGORY / "test" / "good" / "000.png"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for target, words in ((blocker, "is a file"), (blocker / "sub", "cannot create")):
+        with pytest.raises(VtadlError, match=words):
+            predict(plate_run, [image], target)
+        result = runner.invoke(app, ["predict", str(plate_run), str(image), "--out", str(target)])
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and str(target) in lines[0] and words in lines[0], result.output
