@@ -4,7 +4,7 @@ positions are known, trained for a few epochs of vtadl_tiny.
 The tree: 64 px images of a smooth texture; each defect is a 20 px square in one corner,
 bright ("bright") or dark ("dark"); masks mark exactly the square. A map that points at the
 square scores a pixel AUROC near 1; the same map against masks turned 180 degrees (the
-square in the opposite corner) scores near 0.
+square in the opposite corner) scores at chance or below, and an AU-PRO near 0.
 """
 
 from __future__ import annotations
