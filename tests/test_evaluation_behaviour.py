@@ -311,6 +311,22 @@ def test_evaluate_with_empty_masks_prints_image_auroc_and_the_reason(tmp_path: P
     assert "image AUROC" in result.stdout and "AU-PRO" not in result.stdout
 
 
+def test_evaluation_warns_about_a_defect_whose_mask_is_empty(
+    plate: Path, plate_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _mask_path(plate, "dark", "001")
+    saved = path.read_bytes()
+    _save(path, np.zeros((SIZE, SIZE), np.uint8))
+    try:
+        with caplog.at_level(logging.WARNING, logger="vtadl.evaluation"):
+            result = evaluate_run(plate_run)
+    finally:
+        path.write_bytes(saved)
+    assert result["pixel_auroc"] is not None
+    assert "1 defective test images have masks that mark no pixel" in caplog.text
+    assert f"{CATEGORY}/test/dark/001.png" in caplog.text
+
+
 # ---------------------------------------------------------------- predict on bad input
 
 

@@ -306,6 +306,15 @@ def evaluate_run(
     labels = np.array([it.label for it in items])
     scores = np.array([image_score(m, scorer.eval.image_score) for m in maps])
     absent = _why_no_pixel_metrics(c.data.dataset, labels, masks)
+    blank = [it.name for it, m in zip(items, masks) if it.label == 1 and not m.any()]
+    if blank and not absent:
+        log.warning(
+            "%d defective test images have masks that mark no pixel (%s%s); their pixels count "
+            "as normal in the pixel metrics",
+            len(blank),
+            blank[0],
+            ", ..." if len(blank) > 1 else "",
+        )
     result = {
         "image_auroc": metrics.image_auroc(scores, labels),
         "pixel_auroc": None if absent else metrics.pixel_auroc(maps, masks),
