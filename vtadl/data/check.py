@@ -97,8 +97,8 @@ def _mask_problems(mask: Path, image_hw: tuple[int, int] | None) -> list[Problem
             Problem(
                 "warning",
                 mask,
-                f"mask {mask} marks no anomalous pixel: its image counts for image AUROC only "
-                "(a category whose masks are all empty gets no pixel metrics)",
+                f"mask {mask} marks no anomalous pixel: all of its image's pixels count as "
+                "normal (a category whose masks are all empty gets image AUROC only)",
             )
         )
     return problems
