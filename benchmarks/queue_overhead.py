@@ -33,7 +33,7 @@ def main() -> None:
     from vtadl.cli import config_from_options, train
     from vtadl.data.check import check_dataset
     from vtadl.data.demo import make_demo_dataset
-    from vtadl.queue import fetch, make_request, submit
+    from vtadl.queue import fetch, job_state, make_request, submit
     from vtadl.service import RedisServer, connect, free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,6 +91,8 @@ def main() -> None:
                 time.sleep(0.005)
             delays.append(job.started_at.timestamp() - tic)
             begins.append(job.meta["began_at"] - tic)
+            while job_state(fetch(conn, s.job_id)) != "failed":  # the worker is idle again
+                time.sleep(0.05)
             time.sleep(0.5)
         worker.terminate()
         worker.wait()
