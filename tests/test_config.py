@@ -86,6 +86,8 @@ def test_file_without_variant_uses_the_paper_model(tmp_path: Path) -> None:
         ("variant: nope\n", "nope"),
         ("- a\n- b\n", "mapping"),
         ("model: [1, 2\n", "not valid"),
+        ("model:\n  noise_std: .nan\n", "noise_std must be a finite number"),
+        ("train:\n  lr: .inf\n", "lr must be a finite number"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, text: str, word: str) -> None:
@@ -149,6 +151,11 @@ def test_override_ignores_none_and_keeps_the_rest() -> None:
         ({"train": {"epochs": 2.5}}, "epochs must be an integer"),
         ({"data": {"augment": "yes"}}, "augment must be true or false"),
         ({"data": {"category": 3}}, "category must be a string"),
+        ({"model": {"noise_std": float("nan")}}, "noise_std must be a finite number"),
+        ({"train": {"grad_clip": float("inf")}}, "grad_clip must be a finite number"),
+        ({"eval": {"smoothing_sigma": "nan"}}, "smoothing_sigma must be a finite number"),
+        ({"train": {"weight_decay": -1.0}}, "weight_decay"),
+        ({"train": {"cpus_per_worker": 0.0}}, "cpus_per_worker"),
     ],
 )
 def test_validation_errors(sections: dict, word: str) -> None:
@@ -172,3 +179,43 @@ def test_numbers_written_as_strings_are_read_as_numbers(tmp_path: Path) -> None:
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert default_config("vtadl_tiny").override(model={"noise_std": 0}).model.noise_std == 0.0
+
+
+def test_precedence_variant_then_file_then_options(tmp_path: Path) -> None:
+    from vtadl.runs import train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "variant: vtadl_tiny\nmodel:\n  n_gaussians: 7\ndata:\n  dataset: btad\n"
+        "train:\n  epochs: 3\n"
+    )
+    # Another variant: its defaults, then the file's values on top of them.
+    cfg, _ = train_config(config_file=path, variant="vtadl_small", category="01")
+    assert cfg.variant == "vtadl_small"
+    assert cfg.model.n_gaussians == 7
+    assert cfg.model.embed_dim == VARIANTS["vtadl_small"].embed_dim
+    assert (cfg.data.dataset, cfg.train.epochs) == ("btad", 3)  # no option: the file's
+    # Options win over the file.
+    cfg, _ = train_config(
+        config_file=path, category="01", dataset="mvtec", model={"n_gaussians": 5}
+    )
+    assert (cfg.variant, cfg.model.n_gaussians, cfg.data.dataset) == ("vtadl_tiny", 5, "mvtec")
+
+
+def test_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtadl.runs import train_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = train_config(
+        variant="vtadl_tiny",
+        root="data",
+        category="brick",
+        data={"pack": "packs/x.h5"},
+        train={"out": "runs", "deepspeed_config": "ds.json"},
+    )
+    assert cfg.data.root == str(tmp_path / "data")
+    assert cfg.data.pack == str(tmp_path / "packs" / "x.h5")
+    assert cfg.train.out == str(tmp_path / "runs")
+    assert cfg.train.deepspeed_config == str(tmp_path / "ds.json")
+    cfg, _ = train_config(variant="vtadl_tiny", category="brick", data={"pack": "none"})
+    assert cfg.data.pack == "none" and cfg.data.pack_cache == ""

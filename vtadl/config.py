@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -171,8 +173,8 @@ def default_config(variant: str = "vtadl_paper") -> Config:
     return Config(variant=variant, model=variant_config(variant))
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a YAML or JSON config file; sections may be partial, the variant fills the model."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections a YAML or JSON config file holds, as written (partial, not validated)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -182,13 +184,46 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    base = default_config(raw.get("variant", "vtadl_paper")).to_dict()
-    for name, values in raw.items():
-        if isinstance(values, dict) and isinstance(base.get(name), dict):
-            base[name].update(values)
-        else:
-            base[name] = values
+    return raw
+
+
+def layered_config(variant: str, *layers: dict[str, Any]) -> Config:
+    """The variant's defaults with each layer's (partial) sections applied in turn, so later
+    layers win: variant < config file < options. A layer's own `variant` key is ignored."""
+    if not isinstance(variant, str):
+        raise ConfigError(f"variant must be a string, got {variant!r}")
+    base = default_config(variant).to_dict()
+    for layer in layers:
+        for name, values in layer.items():
+            if name == "variant":
+                continue
+            if isinstance(values, dict) and isinstance(base.get(name), dict):
+                base[name].update(values)
+            else:
+                base[name] = values
     return validate(Config.from_dict(base))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML or JSON config file; sections may be partial, the variant fills the model."""
+    raw = read_config_file(path)
+    return layered_config(raw.get("variant", "vtadl_paper"), raw)
+
+
+def absolute_paths(config: Config) -> Config:
+    """The config with every file and folder path made absolute (against the working
+    directory), so that a run folder works from anywhere."""
+    d, t = config.data, config.train
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    pack = d.pack if d.pack in ("auto", "none") else absolute(d.pack)
+    return replace(
+        config,
+        data=replace(d, root=absolute(d.root), pack=pack, pack_cache=absolute(d.pack_cache)),
+        train=replace(t, out=absolute(t.out), deepspeed_config=absolute(t.deepspeed_config)),
+    )
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -210,6 +245,8 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         raise ConfigError(f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
     if m.n_gaussians <= 0:
         raise ConfigError(f"the number of Gaussians must be positive, got {m.n_gaussians}")
+    if m.mlp_ratio <= 0:
+        raise ConfigError(f"mlp_ratio must be positive, got {m.mlp_ratio}")
     if m.noise_std < 0:
         raise ConfigError(f"the noise level must not be negative, got {m.noise_std}")
     if m.mdn_condition not in MDN_CONDITIONS:
@@ -224,6 +261,14 @@ def validate(c: Config) -> Config:
         (t.epochs > 0, f"epochs must be positive, got {t.epochs}"),
         (t.batch_size > 0, f"batch size must be positive, got {t.batch_size}"),
         (t.lr > 0, f"learning rate must be positive, got {t.lr}"),
+        (t.weight_decay >= 0, f"weight_decay must not be negative, got {t.weight_decay}"),
+        (t.grad_clip >= 0, f"grad_clip must not be negative (0: off), got {t.grad_clip}"),
+        (
+            min(t.w_mse, t.w_ssim, t.w_nll) >= 0,
+            f"loss weights must not be negative, got {t.w_mse}, {t.w_ssim}, {t.w_nll}",
+        ),
+        (t.gpus_per_worker >= 0, f"gpus_per_worker must not be negative, got {t.gpus_per_worker}"),
+        (t.cpus_per_worker > 0, f"cpus_per_worker must be positive, got {t.cpus_per_worker}"),
         (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
         (t.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {t.strategy!r}"),
@@ -280,6 +325,8 @@ def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
         except (TypeError, ValueError):
             number = None
         if number is not None and kind == "float":
+            if not math.isfinite(number):  # no option means anything at infinity or NaN
+                raise ConfigError(f"{where} option {f.name} must be a finite number, got {value!r}")
             return number
         if number is not None and number.is_integer():
             return int(number)

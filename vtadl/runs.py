@@ -7,11 +7,20 @@ Tune trials all call these, so none of them knows how a strategy is launched.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vtadl.config import Config, default_config, load_config
+from vtadl.config import (
+    Config,
+    DataConfig,
+    TrainConfig,
+    absolute_paths,
+    layered_config,
+    load_config,
+    read_config_file,
+)
 from vtadl.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -54,11 +63,16 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# What a resumed run takes from the command line: where to find it, how long to train, and
+# where its dataset now is. Every other given value must equal the stored one.
+_RESUME_HONOURS = {"data.dataset", "data.category", "data.root", "train.epochs", "train.out"}
+
+
 def train_config(
     *,
     config_file: str | Path | None = None,
     variant: str | None = None,
-    dataset: str = "mvtec",
+    dataset: str | None = None,
     root: str | Path | None = None,
     category: str | None = None,
     resume: bool = False,
@@ -69,37 +83,56 @@ def train_config(
 ) -> tuple[Config, Path | None]:
     """The config to train and, with `resume`, the run folder to continue.
 
-    Precedence: variant defaults < config file < explicit options. A resumed run keeps the
-    config stored with it; only the number of epochs may change.
+    Precedence: variant defaults < config file < explicit options (`None` means not given);
+    paths become absolute. A resumed run keeps the config stored with it: it honours the
+    number of epochs and a new dataset root (a moved dataset), and refuses any other value
+    that differs from the stored one.
     """
-    from vtadl.training import latest_run
-
-    model, train, eval = _given(model or {}), _given(train or {}), _given(eval or {})
+    options = {
+        "data": _given(
+            {"dataset": dataset, "root": str(root) if root else None, "category": category}
+            | (data or {})
+        ),
+        "model": _given(model or {}),
+        "train": _given(train or {}),
+        "eval": _given(eval or {}),
+    }
     if resume:
-        base = load_config(config_file) if config_file else default_config(variant or "vtadl_paper")
-        out = train.get("out", base.train.out)
-        if not category:
-            raise ConfigError("--resume needs --category (and --dataset) to find the run")
-        run_dir = latest_run(out, dataset, category)
-        stored = load_config(run_dir / "config.yaml")
-        changed = sorted(set(model) | set(eval) | (set(train) - {"epochs", "out"}))
-        if changed:
-            raise ConfigError(f"a resumed run keeps its config; cannot change {', '.join(changed)}")
-        return stored.override(train={"epochs": train.get("epochs")}), run_dir
-
-    if config_file:
-        cfg = load_config(config_file)
-        if variant and variant != cfg.variant:
-            cfg = default_config(variant).override(
-                **{k: v for k, v in cfg.to_dict().items() if k not in ("variant", "model")}
-            )
-    else:
-        cfg = default_config(variant or "vtadl_paper")
-    data = _given(
-        {"dataset": dataset, "root": str(root) if root else None, "category": category}
-        | (data or {})
-    )
-    cfg = cfg.override(model=model, train=train, data=data, eval=eval)
+        return _resume_config(config_file, variant, options)
+    raw = read_config_file(config_file) if config_file else {}
+    cfg = absolute_paths(layered_config(variant or raw.get("variant", "vtadl_paper"), raw, options))
     if not cfg.data.category:
         raise ConfigError("no category given (--category NAME)")
     return cfg, None
+
+
+def _resume_config(
+    config_file: str | Path | None, variant: str | None, options: dict[str, dict[str, Any]]
+) -> tuple[Config, Path]:
+    from vtadl.training import latest_run
+
+    if config_file:
+        raise ConfigError(
+            "--resume continues a run with the config stored in its folder; drop --config"
+        )
+    data, train = options["data"], options["train"]
+    if not data.get("category"):
+        raise ConfigError("--resume needs --category (and --dataset) to find the run")
+    out = os.path.abspath(os.path.expanduser(train.get("out", TrainConfig.out)))
+    run_dir = latest_run(out, data.get("dataset", DataConfig.dataset), data["category"])
+    stored = load_config(run_dir / "config.yaml")
+    wanted = absolute_paths(stored.override(**options))
+    changed = (
+        [f"variant ({stored.variant} -> {variant})"]
+        if variant not in (None, stored.variant)
+        else []
+    )
+    for section, values in options.items():
+        old, new = getattr(absolute_paths(stored), section), getattr(wanted, section)
+        for key in values:
+            if f"{section}.{key}" not in _RESUME_HONOURS and getattr(old, key) != getattr(new, key):
+                changed.append(f"{key} ({getattr(old, key)} -> {getattr(new, key)})")
+    if changed:
+        raise ConfigError(f"a resumed run keeps its config; cannot change {', '.join(changed)}")
+    honoured = {"epochs": train.get("epochs"), "out": out}
+    return absolute_paths(stored.override(train=honoured, data={"root": data.get("root")})), run_dir
