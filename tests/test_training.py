@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +13,7 @@ from PIL import Image
 import vtadl.training as training
 from vtadl.config import Config, load_config
 from vtadl.evaluation import evaluate_run, predict
-from vtadl.exceptions import ConfigError, RunError, TrainingError
+from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
 from vtadl.losses import LossTerms
 from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
 
@@ -247,3 +248,97 @@ def test_grid_shifts_give_a_finer_map_and_are_recorded(make_config) -> None:
     for key in ("image_auroc", "pixel_auroc", "au_pro"):
         assert 0 <= shifted[key] <= 1
     assert shifted["pixel_auroc"] != plain["pixel_auroc"]  # other offsets were scored
+
+
+def _strict_history(run_dir: Path) -> list[dict[str, Any]]:
+    """history.jsonl read as strict JSON: a bare NaN or Infinity is an error."""
+    path = run_dir / "history.jsonl"
+    if not path.exists():
+        return []
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"history.jsonl holds {constant}")
+
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln, parse_constant=refuse) for ln in lines]
+
+
+def test_divergence_is_stopped_and_named(make_config) -> None:
+    # lr 1e3 with the default gradient clipping: every loss stays finite, but the NLL grows
+    # by many orders of magnitude; the run must not go on to report near-chance metrics.
+    cfg = make_config(epochs=3, lr=1e3)
+    with pytest.raises(TrainingError) as excinfo:
+        fit(cfg)
+    message = str(excinfo.value)
+    assert "diverged" in message and "learning rate" in message
+    assert "epoch 1, step " in message
+    (run_dir,) = (Path(cfg.train.out) / "mvtec" / CATEGORY).iterdir()
+    assert _strict_history(run_dir) == []
+
+
+def test_non_finite_validation_loss_is_named(make_config) -> None:
+    # One batch per epoch (11 training images, batch 16): the only step's loss is finite,
+    # and its update of about lr = 1e30 leaves weights that give no finite validation loss.
+    cfg = make_config(epochs=2, lr=1e30, grad_clip=0.0, batch_size=16)
+    with pytest.raises(TrainingError) as excinfo:
+        fit(cfg)
+    message = str(excinfo.value)
+    assert "validation loss" in message and "epoch 1" in message and "step 1" in message
+    assert "learning rate" in message
+    (run_dir,) = (Path(cfg.train.out) / "mvtec" / CATEGORY).iterdir()
+    assert _strict_history(run_dir) == []
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+
+
+def test_test_split_without_anomalies_fails_before_training(
+    demo_copy: Path, config_for, tmp_path: Path
+) -> None:
+    import shutil
+
+    category = demo_copy / CATEGORY
+    for folder in [*(category / "test").iterdir(), category / "ground_truth"]:
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    cfg = config_for(demo_copy, tmp_path / "runs")
+    with pytest.raises(DataError, match=r"test split .* no anomalous images") as excinfo:
+        fit(cfg)
+    assert str(category / "test") in str(excinfo.value)
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_mnist_test_split_has_its_anomalies(tmp_path: Path) -> None:
+    # For MNIST the other digits are the anomalies: the split check must let it train.
+    from sklearn.datasets import load_digits
+
+    from vtadl.config import default_config
+    from vtadl.data.mnist import MNIST_FILES, write_idx
+    from vtadl.training import prepare_source
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    for key, values in [("train_images", images[:300]), ("train_labels", labels[:300])]:
+        write_idx(tmp_path / MNIST_FILES[key], values)
+    for key, values in [("test_images", images[300:400]), ("test_labels", labels[300:400])]:
+        write_idx(tmp_path / MNIST_FILES[key], values)
+    cfg = default_config("vtadl_tiny").override(
+        data={"dataset": "mnist", "root": str(tmp_path), "category": "3", "pack": "none"},
+        train={"out": str(tmp_path / "runs")},
+    )
+    labels_seen = [item.label for item in prepare_source(cfg).items("test")]
+    assert 0 < sum(labels_seen) < len(labels_seen)
+
+
+def test_token_noise_is_drawn_per_global_batch() -> None:
+    # Worker r of w takes rows r, r+w, ... of the global batch's noise, as it takes those
+    # images: together the workers use exactly the noise one process would.
+    from vtadl.training import token_noise
+
+    single = token_noise((5, 3), seed=1, epoch=2, step=7, batch=8, rank=0, world=1)
+    assert single.shape == (8, 5, 3)
+    for world in (2, 4):
+        parts = [token_noise((5, 3), 1, 2, 7, 8, rank, world) for rank in range(world)]
+        for rank, part in enumerate(parts):
+            assert torch.equal(part, single[rank::world])
+    other_step = token_noise((5, 3), seed=1, epoch=2, step=8, batch=8, rank=0, world=1)
+    assert not torch.equal(other_step, single)

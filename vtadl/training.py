@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,16 +25,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from vtadl.config import Config, save_config, validate
+from vtadl.config import Config, absolute_paths, save_config, validate
 from vtadl.data.prepare import to_float
-from vtadl.data.source import category_source
-from vtadl.exceptions import ConfigError, RunError, TrainingError
+from vtadl.data.source import Source, category_source
+from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
 from vtadl.losses import vtadl_loss
 from vtadl.model import VTADL, build_model
 
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+# A training loss this many times larger in size than the run's first (or 1, if that is
+# smaller) means training diverged: the loss terms are bounded below, and a healthy run's
+# loss falls from its first value.
+DIVERGENCE_FACTOR = 1e3
 
 
 class Callbacks:
@@ -45,9 +50,23 @@ class Callbacks:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device of a `--device` value; a ConfigError if it is unknown or absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if not torch.version.cuda else "no GPU found"
+            raise ConfigError(f"device {name!r} is not available: {why}; use --device cpu")
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r} does not exist: {count} GPU(s) found")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} is not available on this machine")
+    return device
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -133,11 +152,24 @@ class EpochBatches(Sampler[list[int]]):
         return self.n_batches
 
 
+def _step_generator(seed: int, epoch: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_019 + epoch * 10_007 + step + (stream << 40))
+
+
 def _flips(seed: int, epoch: int, step: int, batch: int, rank: int, world: int) -> torch.Tensor:
     """Horizontal and vertical flip decisions (2, local batch) for one step, drawn for the
     global batch so that they do not depend on the number of workers."""
-    gen = torch.Generator().manual_seed(seed * 100_019 + epoch * 10_007 + step)
+    gen = _step_generator(seed, epoch, step, stream=0)
     return (torch.rand(2, batch, generator=gen) < 0.5)[:, rank::world]
+
+
+def token_noise(
+    shape: tuple[int, int], seed: int, epoch: int, step: int, batch: int, rank: int, world: int
+) -> torch.Tensor:
+    """Standard normal noise (local batch, tokens, dim) for the tokens of one step, drawn for
+    the global batch like the flips: worker r of w takes rows r, r+w, ..."""
+    gen = _step_generator(seed, epoch, step, stream=1)
+    return torch.randn(batch, *shape, generator=gen)[rank::world]
 
 
 def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -149,12 +181,13 @@ def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flip_v.to(images.device), images.flip(2), images)
 
 
-def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None):
+def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None, noise=None):
     """The configured loss of one batch; `cast` is the input dtype of an engine that keeps
-    the model in it (DeepSpeed bf16), else autocast follows `train.precision`."""
+    the model in it (DeepSpeed bf16), else autocast follows `train.precision`; `noise`
+    (optional) is the standard normal noise for the tokens."""
     t = config.train
     with autocast(images.device, "fp32" if cast else t.precision):
-        out = model(images.to(cast) if cast else images)
+        out = model(images.to(cast) if cast else images, noise=noise)
     return vtadl_loss(
         images,
         out.reconstruction,
@@ -236,14 +269,45 @@ def fit(
     config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
 ) -> Path:
     """Train `config` in this process (strategy single); returns the run folder."""
-    config = validate(config)
+    config = absolute_paths(validate(config))
     if config.train.strategy != "single":
         raise ConfigError(
             f"strategy {config.train.strategy!r} runs on Ray Train: call vtadl.runs.fit"
         )
+    pick_device(config.train.device)
+    ensure_writable(Path(config.train.out))
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     train_loop(config, run_dir, Workers(), callbacks or Callbacks())
     return run_dir
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure files can be written in it: a ConfigError
+    naming the folder, before any work, instead of a failure after packing or training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the runs folder {folder}: {exc.strerror or exc}"
+        ) from None
+
+
+def prepare_source(config: Config) -> Source:
+    """The category's images (packed first if the config says so), refused when its test
+    split cannot be evaluated: the metrics need normal and anomalous test images."""
+    source = category_source(config)
+    labels = [item.label for item in source.items("test")]
+    anomalous = sum(1 for label in labels if label)
+    if 0 < anomalous < len(labels):
+        return source
+    d = config.data
+    missing = "images" if not labels else "anomalous images" if not anomalous else "normal images"
+    where = Path(d.root) / d.category / "test" if d.dataset != "mnist" else Path(d.root)
+    raise DataError(
+        f"the test split of {d.dataset}/{d.category} has no {missing} ({len(labels)} in "
+        f"{where}); the metrics need normal and anomalous test images"
+    )
 
 
 def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callbacks) -> None:
@@ -256,7 +320,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    source = category_source(config)
+    source = prepare_source(config)
     train_set, val_set = source.dataset("train"), source.dataset("val")
     sampler = EpochBatches(len(train_set), t.batch_size, seed=t.seed, rank=rank, world=world)
     nw, pin = config.data.num_workers, device.type == "cuda"
@@ -265,15 +329,16 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     )
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw, pin_memory=pin)
     engine = workers.engine(build_model(config.model).to(device), config)
-    # Noise on the tokens is drawn per worker.
-    torch.manual_seed(t.seed + rank)
+    m = config.model
+    token_shape = ((m.img_size // m.patch_size) ** 2, m.embed_dim)
 
-    start, best = 0, math.inf
+    start, best, first_loss = 0, math.inf, None
     state = workers.checkpoint_to_resume(run_dir)
     if state is not None:
         workers.restore(engine, state, run_dir)
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best_val_loss"]
+        first_loss = state.get("first_loss")
         log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
     if lead:
         # A restarted worker group may begin before epochs the history already shows.
@@ -292,27 +357,25 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
             images = to_float(images.to(device, non_blocking=True))
             if config.data.augment:
                 images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
-            terms = loss_terms(engine.forward_module, images, config, engine.cast)
-            if not torch.isfinite(terms.total):
-                raise TrainingError(
-                    f"loss became {float(terms.total.detach())} at epoch {epoch + 1}, "
-                    f"step {step + 1} (mse {float(terms.mse):.4g}, nll {float(terms.nll):.4g}); "
-                    + (
-                        f"the last good checkpoint is in {ckpt_dir}; "
-                        if (ckpt_dir / LAST).exists()
-                        else ""
-                    )
-                    + "try a lower learning rate"
-                )
+            noise = None
+            if m.noise_std > 0:
+                noise = token_noise(token_shape, t.seed, epoch, step, t.batch_size, rank, world)
+                noise = noise[: len(images)].to(device, non_blocking=True)
+            terms = loss_terms(engine.forward_module, images, config, engine.cast, noise)
+            # The step's one host synchronisation: every term at once.
+            values = torch.stack([v.detach().float() for v in terms]).tolist()
+            first_loss = values[0] if first_loss is None else first_loss
+            _check_step(values, first_loss, epoch, step, ckpt_dir, t.lr)
             engine.step(terms.total)
-            sums += np.array([*(float(v.detach()) for v in terms), 1.0]) * len(images)
-            callbacks.on_step(epoch, step, float(terms.total.detach()))
+            sums += np.array([*values, 1.0]) * len(images)
+            callbacks.on_step(epoch, step, values[0])
         sums = workers.all_sum(sums)
         record = {
             "epoch": epoch + 1,
             **dict(zip(("loss", "mse", "ssim", "nll"), (sums[:4] / sums[4]).tolist())),
         }
         record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
+        _check_validation(record, len(train_loader), ckpt_dir, t.lr)
         record["seconds"] = round(time.perf_counter() - tic, 3)
         record["images_per_second"] = round(float(sums[4]) / record["seconds"], 3)
         record["global_batch_size"] = t.batch_size
@@ -327,6 +390,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
             "epoch": epoch,
             "rng": torch.get_rng_state(),
             "best_val_loss": best,
+            "first_loss": first_loss,
             "record": record,
         }
         if lead:
@@ -334,7 +398,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
             if is_best:
                 save_checkpoint(ckpt_dir / BEST, **state)
             with open(run_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
             for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll", "images_per_second"):
                 writer.add_scalar(key, record[key], epoch + 1)
             writer.flush()
@@ -343,6 +407,36 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
         callbacks.on_epoch_end(record)
     if writer is not None:
         writer.close()
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    return f"the last good checkpoint is in {ckpt_dir}; " if (ckpt_dir / LAST).exists() else ""
+
+
+def _check_step(
+    values: list[float], first: float, epoch: int, step: int, ckpt_dir: Path, lr: float
+) -> None:
+    """Stop on a non-finite training loss, or one `DIVERGENCE_FACTOR` times the run's first."""
+    loss, mse, _, nll = values
+    where = f"at epoch {epoch + 1}, step {step + 1} (mse {mse:.4g}, nll {nll:.4g})"
+    if not math.isfinite(loss):
+        problem = f"loss became {loss} {where}"
+    elif abs(loss) > DIVERGENCE_FACTOR * max(abs(first), 1.0):
+        problem = f"training diverged {where}: loss {loss:.4g}, first step {first:.4g}"
+    else:
+        return
+    raise TrainingError(
+        f"{problem}; {_last_good(ckpt_dir)}the learning rate {lr:g} is likely too high"
+    )
+
+
+def _check_validation(record: dict[str, Any], steps: int, ckpt_dir: Path, lr: float) -> None:
+    if not math.isfinite(record["val_loss"]):
+        raise TrainingError(
+            f"validation loss became {record['val_loss']} after epoch {record['epoch']} "
+            f"(its last training step was step {steps}; the weights are no longer finite); "
+            f"{_last_good(ckpt_dir)}the learning rate {lr:g} is likely too high"
+        )
 
 
 def _truncate_history(path: Path, epochs_done: int) -> None:

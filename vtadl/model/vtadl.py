@@ -64,10 +64,13 @@ class VTADL(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(0.25), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> VTADLOutput:
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> VTADLOutput:
+        """`noise`: standard normal draws shaped like the tokens, scaled by `noise_std` in
+        training (drawn here when not given), so a caller can make them reproducible."""
         tokens = self.encoder.forward_features((images - self.pixel_mean) / self.pixel_std)
         if self.training and self.noise_std > 0:
-            tokens = tokens + torch.randn_like(tokens) * self.noise_std
+            noise = torch.randn_like(tokens) if noise is None else noise.to(tokens)
+            tokens = tokens + noise * self.noise_std
         reconstruction = self.decoder(tokens, self.grid_size)
         if self.mdn_detach:
             tokens = tokens.detach()
