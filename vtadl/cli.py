@@ -391,6 +391,7 @@ def data_download(
     out.print(f"{dataset}: verified and extracted into {root}", highlight=False)
 
 
+from vtadl import cli_bench  # noqa: E402,F401  (registers data bench)
 from vtadl import cli_jobs  # noqa: E402,F401  (registers the job service's commands)
 from vtadl import cli_tune  # noqa: E402,F401  (registers tune, report, dashboard)
 

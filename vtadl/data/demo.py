@@ -259,6 +259,21 @@ def _write_category(
             )
 
 
+def _check_output(
+    what: str, out: str | Path, n_train: int, n_test_good: int, n_test_defect: int
+) -> Path:
+    """`out` as a Path, once the image counts make a dataset and `out` can be a folder."""
+    if n_train < 1 or n_test_good < 0 or n_test_defect < 0 or n_test_good + n_test_defect < 1:
+        raise DataError(
+            f"{what} needs n_train >= 1 and at least one test image, got n_train={n_train}, "
+            f"n_test_good={n_test_good}, n_test_defect={n_test_defect}"
+        )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{what} output {out} is a file, not a folder")
+    return out
+
+
 def make_demo_dataset(
     out: str | Path,
     categories: Iterable[str] | None = None,
@@ -286,14 +301,7 @@ def make_demo_dataset(
         raise DataError("no demo categories requested")
     if image_size < 32:
         raise DataError(f"demo image_size must be at least 32, got {image_size}")
-    if n_train < 1 or n_test_good < 0 or n_test_defect < 0 or n_test_good + n_test_defect < 1:
-        raise DataError(
-            f"demo needs n_train >= 1 and at least one test image, got n_train={n_train}, "
-            f"n_test_good={n_test_good}, n_test_defect={n_test_defect}"
-        )
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"demo output {out} is a file, not a folder")
+    out = _check_output("demo", out, n_train, n_test_good, n_test_defect)
     for name in names:
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         _write_category(out / name, name, rng, image_size, n_train, n_test_good, n_test_defect)
