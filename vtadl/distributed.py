@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vtadl.config import Config
+from vtadl.config import Config, absolute_paths
 from vtadl.exceptions import ConfigError, TrainingError
 from vtadl.model import VTADL
 from vtadl.training import (
@@ -35,8 +36,10 @@ from vtadl.training import (
     Callbacks,
     Engine,
     Workers,
+    ensure_writable,
     load_checkpoint,
     new_run_dir,
+    prepare_source,
     train_loop,
 )
 
@@ -187,6 +190,45 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     train_loop(config, run_dir, RayWorkers(config, run_dir), Callbacks())
 
 
+# How long a Ray address may take to accept a connection before it counts as not answering.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def ray_bootstrap_address(address: str) -> str | None:
+    """The host:port a `train.ray_address` joins (None: start a local instance); a
+    ConfigError within seconds if nothing answers there.
+
+    "" and "local" start a private instance. "auto" is resolved as `ray.init` resolves it
+    (RAY_ADDRESS, then the cluster of the last `ray start` on this machine).
+    "ray://host:port" (Ray Client) and "host:port" are checked as given.
+    """
+    if address in ("", "local"):
+        return None
+    target = address.removeprefix("ray://")
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise ConfigError(f"--ray-address auto: no running Ray cluster found ({exc})") from None
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            f"Ray address {address!r} is not auto, local or host:port (e.g. 10.0.0.5:6379)"
+        )
+    resolved = "" if target == address else f" (resolved to {target})"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(
+            f"Ray cluster at {address}{resolved} does not answer: {reason}; "
+            "is it running (ray start --head), and is the port open?"
+        ) from None
+    return target
+
+
 def _start_ray(config: Config) -> bool:
     """Join the configured cluster or start a private local one; True if we started it."""
     import ray
@@ -197,7 +239,7 @@ def _start_ray(config: Config) -> bool:
     # Worker output reaches the terminal only with `vtadl -v`; it is always in Ray's session
     # logs, and a worker's error is raised here as one TrainingError line either way.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.INFO)}
-    if t.ray_address:
+    if t.ray_address not in ("", "local"):  # checked by ray_bootstrap_address
         ray.init(address=t.ray_address, **quiet)
         return True
     cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker))
@@ -231,15 +273,23 @@ def fit_distributed(
     config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
 ) -> Path:
     """Train with Ray Train (strategy ddp or deepspeed); with `run_dir`, resume that run."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    config = absolute_paths(config)
     t = config.train
     callbacks = callbacks or Callbacks()
+    # Everything a user can get wrong fails here, in seconds, before Ray starts: the Ray
+    # address, the runs folder, the DeepSpeed file, the data (packed once, here).
+    if not ray.is_initialized():
+        ray_bootstrap_address(t.ray_address)
+    ensure_writable(Path(t.out))
+    if t.strategy == "deepspeed":
+        deepspeed_config(config)
+    prepare_source(config)
     run_dir = (Path(run_dir) if run_dir is not None else new_run_dir(config)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if t.strategy == "deepspeed":
-        deepspeed_config(config)  # a bad expert file fails here, before Ray starts
     resources = {"CPU": t.cpus_per_worker} | (
         {"GPU": t.gpus_per_worker} if t.gpus_per_worker else {}
     )
