@@ -121,6 +121,7 @@ def config_from_options(o: dict[str, Any]):
             tile_overlap=o["tile_overlap"],
             num_workers=o["loader_workers"],
             augment=o["augment"],
+            local_copy=path(o.get("local_copy")),
         ),
         model=dict(
             img_size=o["image_size"], n_gaussians=o["n_gaussians"], noise_std=o["noise_std"]
@@ -139,6 +140,7 @@ def config_from_options(o: dict[str, Any]):
             gpus_per_worker=o["gpus_per_worker"],
             cpus_per_worker=o["cpus_per_worker"],
             ray_address=o["ray_address"],
+            placement=o.get("placement"),
             zero_stage=o["zero_stage"],
             deepspeed_config=path(o["deepspeed_config"]),
         ),

@@ -25,6 +25,7 @@ SCORE_SCALES = ("log", "linear")
 IMAGE_SCORES = ("max", "mean", "top1pct")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("single", "ddp", "deepspeed")
+PLACEMENTS = ("pack", "spread")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class DataConfig:
     tile_overlap: int = 0
     augment: bool = False
     num_workers: int = 0
+    # A node-local folder: each node reads its own copy of the pack (vtadl.data.stage)
+    # instead of the shared one; "" reads the pack where it is.
+    local_copy: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class TrainConfig:
     zero_stage: int = 2
     deepspeed_config: str = ""  # a DeepSpeed JSON file for experts; replaces the generated one
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    # Ray Train workers: "pack" fills nodes one by one, "spread" one per node where possible.
+    placement: str = "pack"
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,10 @@ def validate(c: Config) -> Config:
         (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
         (t.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {t.strategy!r}"),
+        (
+            t.placement in PLACEMENTS,
+            f"placement must be one of {PLACEMENTS}, got {t.placement!r}",
+        ),
         (t.num_workers >= 1, f"num_workers must be at least 1, got {t.num_workers}"),
         (
             t.batch_size % t.num_workers == 0,

@@ -22,6 +22,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ class RayWorkers(Workers):
     """One Ray Train worker: its rank, device, engine, collectives and checkpoints."""
 
     def __init__(self, config: Config, run_dir: Path) -> None:
+        import ray
         import ray.train
 
         ctx = ray.train.get_context()
@@ -113,6 +115,15 @@ class RayWorkers(Workers):
         pids = run_dir / "workers"
         pids.mkdir(parents=True, exist_ok=True)
         (pids / f"rank{self.rank}.pid").write_text(str(os.getpid()))
+        started = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+        }
+        with open(pids / "started.jsonl", "a") as f:  # every (re)start of every worker
+            f.write(json.dumps(started) + "\n")
 
     def device(self, config: Config) -> torch.device:
         from ray.train.torch import get_device
@@ -240,13 +251,30 @@ def _start_ray(config: Config) -> bool:
     # logs, and a worker's error is raised here as one TrainingError line either way.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.INFO)}
     if t.ray_address not in ("", "local"):  # checked by ray_bootstrap_address
-        ray.init(address=t.ray_address, **quiet)
+        try:
+            ray.init(address=t.ray_address, **quiet)
+        except ConnectionError as exc:  # it answered, but did not let us in
+            raise ConfigError(_refused(t.ray_address, exc)) from None
         return True
     cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker))
     gpus = math.ceil(t.num_workers * t.gpus_per_worker)
     # "local" starts a fresh instance even when another Ray cluster runs on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **quiet)
     return True
+
+
+def _refused(address: str, exc: Exception) -> str:
+    """Why joining a Ray cluster that answers can fail, in one line."""
+    if os.environ.get("RAY_AUTH_MODE") == "token" and (
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
+        hint = "check that this machine's Ray token is the cluster's"
+    else:
+        hint = (
+            "if the cluster uses token authentication, this machine needs its token "
+            "(RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+        )
+    return f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {hint}"
 
 
 class _HistoryWatcher(threading.Thread):
@@ -300,6 +328,7 @@ def fit_distributed(
             num_workers=t.num_workers,
             use_gpu=t.gpus_per_worker > 0,
             resources_per_worker=resources,
+            placement_strategy=t.placement.upper(),
         ),
         run_config=RunConfig(
             name=RAY_RUN_NAME,

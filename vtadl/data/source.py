@@ -173,4 +173,8 @@ def category_source(config: Config) -> Source:
                 f"pack {path} does not match the files under {d.root} (changed since packing, "
                 "or other parameters); pack again, or use --pack auto"
             )
+    if d.local_copy:  # read this node's copy of a pack on a shared file system
+        from vtadl.data.stage import local_copy
+
+        path = local_copy(path, d.local_copy)
     return PackSource(config, path)
