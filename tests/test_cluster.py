@@ -264,3 +264,16 @@ def test_a_worker_without_the_ray_token_is_refused(two_nodes, queue_redis, demo_
     refused = fetch(conn, job.job_id)
     assert job_state(refused) == "failed"
     assert "token" in refused.meta["error"] and two_nodes["address"] in refused.meta["error"]
+
+
+def test_training_reads_the_node_local_copy_of_its_pack(make_config, tmp_path: Path) -> None:
+    from vtadl.runs import fit
+
+    node = tmp_path / "node-local"
+    config = make_config(epochs=1).override(data={"local_copy": str(node)})
+    run = fit(config)
+    (shared,) = (tmp_path / "runs" / "packs").glob("*.h5")
+    (copied,) = node.glob("*.h5")
+    assert sha256(copied) == sha256(shared)
+    assert json.loads(copied.with_suffix(".json").read_text())["sha256"] == sha256(shared)
+    assert (run / "checkpoints" / "last.pt").exists()
