@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import Result
 from PIL import Image
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from vtadl.cli import app
@@ -50,12 +56,16 @@ def _history_lines(run_dir: Path) -> int:
     return len([ln for ln in (run_dir / "history.jsonl").read_text().splitlines() if ln.strip()])
 
 
+# What a run logs on stderr when it is not a terminal (as under CliRunner): not a failure.
+PROGRESS = re.compile(r"^(training in |epoch \d+/\d+: |evaluating )")
+
+
 def _one_line_error(result: Result, *words: str) -> str:
     """A failure that is exactly one line naming the problem, and no traceback."""
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not PROGRESS.match(ln)]
     assert len(lines) == 1, result.output
     line = lines[0]
     assert line in result.stderr
@@ -216,10 +226,22 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         (["--image-size", "30"], ("30", "not divisible", "8")),
         (["--n-gaussians", "0"], ("Gaussians", "0")),
         (["--noise-std", "-1"], ("noise", "-1")),
+        (["--noise-std", "nan"], ("noise_std", "finite", "nan")),
+        (["--lr", "inf"], ("lr", "finite", "inf")),
+        (["--device", "gpu"], ("'gpu'", "unknown device")),
         (["--mdn-loss", "jensen"], ("mdn_loss", "jensen", "mixture", "reference")),
         (["--variant", "vtadl_huge"], ("vtadl_huge", *VARIANTS)),
     ],
-    ids=["image-size", "n-gaussians", "noise-std", "mdn-loss", "variant"],
+    ids=[
+        "image-size",
+        "n-gaussians",
+        "noise-std",
+        "nan-noise",
+        "inf-lr",
+        "device",
+        "mdn-loss",
+        "variant",
+    ],
 )
 def test_bad_options(demo_root: Path, tmp_path: Path, extra: list[str], words: tuple) -> None:
     result = runner.invoke(app, _train_args(demo_root, tmp_path / "runs", *extra))
@@ -243,3 +265,176 @@ def test_predict_missing_image(demo_run: tuple[Path, dict], tmp_path: Path) -> N
     missing = tmp_path / "nothing.png"
     args = ["predict", trained["run_dir"], str(missing), "--out", str(tmp_path / "pred")]
     _one_line_error(runner.invoke(app, args), str(missing))
+
+
+# ---------------------------------------------------------------- a user's first hour
+
+
+def test_run_folder_works_from_another_directory(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relative --root and --out are stored as absolute paths.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    root = os.path.relpath(demo_root, here)
+    payload = _last_json(runner.invoke(app, _train_args(Path(root), Path("runs"), "--json")))
+    run_dir = Path(payload["run_dir"]).resolve()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(demo_root)
+    assert saved["train"]["out"] == str(here / "runs")
+    monkeypatch.chdir(tmp_path)
+    _last_json(runner.invoke(app, ["evaluate", str(run_dir), "--json"]))
+
+
+def test_unreachable_ray_address_fails_in_seconds(demo_root: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    args = _train_args(demo_root, tmp_path / "runs", "--strategy", "ddp", "--num-workers", "2")
+    tic = time.monotonic()
+    result = runner.invoke(app, [*args, "--ray-address", address])
+    _one_line_error(result, address, "does not answer")
+    assert time.monotonic() - tic < 30
+
+
+def test_ray_address_auto_names_what_it_resolved(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "auto" is resolved as Ray resolves it: RAY_ADDRESS first.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    args = _train_args(demo_root, tmp_path / "runs", "--strategy", "ddp", "--num-workers", "2")
+    result = runner.invoke(app, [*args, "--ray-address", "auto"])
+    _one_line_error(result, "auto", f":{port}", "does not answer")
+    bad = runner.invoke(app, [*args, "--ray-address", "headnode"])
+    _one_line_error(bad, "'headnode'", "host:port")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(demo_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, _train_args(demo_root, tmp_path / "runs", "--device", "cuda"))
+    _one_line_error(result, "'cuda'", "not available")
+
+
+def test_out_below_a_file(demo_root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "runs"
+    _one_line_error(runner.invoke(app, _train_args(demo_root, out)), str(out), "Not a directory")
+
+
+def test_read_only_out(demo_root: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this user can write to read-only folders (root)")
+        result = runner.invoke(app, _train_args(demo_root, locked / "runs"))
+        _one_line_error(result, str(locked / "runs"), "Permission denied")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_operating_system_errors_are_one_line(tmp_path: Path) -> None:
+    # No early check here: the boundary turns the OSError into one line naming the path.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["data", "demo", str(blocker / "demo")])
+    _one_line_error(result, str(blocker), "Not a directory")
+
+
+def test_test_split_without_anomalies_fails_before_training(
+    demo_copy: Path, tmp_path: Path
+) -> None:
+    category = demo_copy / CATEGORY
+    for folder in [*(category / "test").iterdir(), category / "ground_truth"]:
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    result = runner.invoke(app, _train_args(demo_copy, tmp_path / "runs"))
+    _one_line_error(result, "test split", "no anomalous images")
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        (["--tile", "32"], "tile"),
+        (["--pack", "none"], "pack"),
+        (["--augment"], "augment"),
+        (["--variant", "vtadl_small"], "variant"),
+        (["--lr", "0.01"], "lr"),
+    ],
+    ids=["tile", "pack", "augment", "variant", "lr"],
+)
+def test_resume_refuses_what_it_cannot_honour(resumable: Path, extra: list[str], word: str) -> None:
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(resumable), "--epochs", "2"]
+    _one_line_error(runner.invoke(app, [*args, *extra]), word, "cannot change")
+
+
+def test_resume_honours_a_moved_root(resumable: Path, demo_root: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root, moved)
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(resumable), "--epochs", "2"]
+    # Options that equal the stored ones are no change.
+    same = ["--variant", "vtadl_tiny", "--batch-size", "4", "--image-size", "32"]
+    payload = _last_json(runner.invoke(app, [*args, *same, "--root", str(moved), "--json"]))
+    run_dir = Path(payload["run_dir"])
+    assert _history_lines(run_dir) == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["root"] == str(moved)
+
+
+@pytest.fixture
+def resumable(demo_root: Path, tmp_path: Path) -> Path:
+    """A runs folder with one finished one-epoch run of the demo category."""
+    runs = tmp_path / "runs"
+    _last_json(runner.invoke(app, _train_args(demo_root, runs, "--json")))
+    return runs
+
+
+def test_resume_refuses_a_config_file(resumable: Path, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    args = ["train", "--resume", "--category", CATEGORY, "--out", str(resumable)]
+    _one_line_error(runner.invoke(app, [*args, "--config", str(path)]), "--config")
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(demo_root: Path, tmp_path: Path) -> None:
+    args = _train_args(demo_root, tmp_path / "runs", "--json")
+    args[args.index("--epochs") + 1] = "2"
+    result = runner.invoke(app, args)
+    _last_json(result)
+    epochs = [ln for ln in result.stderr.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.search(r"loss -?[\d.]+, val -?[\d.]+.*, [\d.]+ s$", ln) for ln in epochs)
+
+
+def test_help_is_for_users() -> None:
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    assert "library function" not in top.output and "defects" in top.output
+    data = runner.invoke(app, ["data", "--help"])
+    description = data.output.split("Options")[0]
+    commands = get_command(app).commands["data"].commands
+    assert {"demo", "download", "check", "pack"} <= set(commands)
+    for command in commands:
+        assert command in description, command
+
+
+def test_every_train_option_has_help_and_a_default() -> None:
+    command = get_command(app).commands["train"]
+    for param in command.params:
+        name = param.opts[0]
+        assert param.help, name
+        if param.is_flag and not param.secondary_opts:
+            assert param.default is False and param.metavar == "", name  # a flag, no value
+        elif name != "--category" and name != "--config":
+            assert param.show_default, name
+        if name == "--n-gaussians":
+            assert "paper 150" in param.show_default  # the variant's value, not "None"
+    text = runner.invoke(app, ["train", "--help"]).output
+    flags = [ln for ln in text.splitlines() if re.search(r"--(resume|json|augment)\b", ln)]
+    assert len(flags) == 3 and not any("<bool>" in ln for ln in flags)

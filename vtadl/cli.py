@@ -16,16 +16,32 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from vtadl.config import VARIANTS, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from vtadl.console import METRIC_NAMES, err, handle_errors, out
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: demo data.")
+HELP = """Find defects in images of your products: train an anomaly detector (VT-ADL) on images
+of good parts, measure it on a test split with known defects, and get heat maps of where
+new images look wrong.
+
+Start with `vtadl data demo data/demo`, then
+`vtadl train --root data/demo --category brick --variant vtadl_small`.
+"""
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Datasets: write the demo dataset or the benchmark (bench), download, check and pack.",
+)
 app.add_typer(data_app, name="data")
 
 
+def _flag(name: str, help: str, *short: str):
+    """A boolean option that is a flag (`--json`), shown without a value type."""
+    return typer.Option(False, name, *short, help=help, metavar="")
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
-    """VT-ADL anomaly detection: train, evaluate and predict."""
+def main(verbose: bool = _flag("--verbose", "Log progress details.", "-v")):
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -33,15 +49,19 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
 
 
 class _RichCallbacks:
-    """Epoch and step progress bars on a terminal; silent otherwise."""
+    """Epoch and step progress bars on a terminal; elsewhere (a job log, `nohup`), one line
+    per epoch on stderr, so that a long run does not look hung."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.epochs = self.steps = self.evaluation = None
+        self.total_epochs = 0
 
     def on_train_start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
+        self.total_epochs = epochs
         self.epochs = self.progress.add_task("epochs", total=epochs)
         self.steps = self.progress.add_task("steps", total=steps_per_epoch)
+        _log_line(f"training in {run_dir}")
 
     def on_step(self, epoch: int, step: int, loss: float) -> None:
         self.progress.update(self.steps, completed=step + 1, description=f"loss {loss:.4f}")
@@ -53,11 +73,23 @@ class _RichCallbacks:
             description=f"epoch {record['epoch']} val {record['val_loss']:.4f}",
         )
         self.progress.reset(self.steps)
+        _log_line(
+            f"epoch {record['epoch']}/{self.total_epochs}: loss {record['loss']:.4f}, "
+            f"val {record['val_loss']:.4f}{' (best)' if record['best'] else ''}, "
+            f"{record['seconds']:.1f} s"
+        )
 
     def evaluating(self, done: int, total: int) -> None:
         if self.evaluation is None:
+            _log_line(f"evaluating the best checkpoint on {total} test images")
             self.evaluation = self.progress.add_task("evaluating", total=total)
         self.progress.update(self.evaluation, completed=done, total=total)
+
+
+def _log_line(text: str) -> None:
+    """Progress for logs: a line on stderr when it is not a terminal (which has the bars)."""
+    if not err.is_terminal:
+        err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -121,7 +153,6 @@ def config_from_options(o: dict[str, Any]):
             tile_overlap=o["tile_overlap"],
             num_workers=o["loader_workers"],
             augment=o["augment"],
-            local_copy=path(o.get("local_copy")),
         ),
         model=dict(
             img_size=o["image_size"], n_gaussians=o["n_gaussians"], noise_std=o["noise_std"]
@@ -140,7 +171,6 @@ def config_from_options(o: dict[str, Any]):
             gpus_per_worker=o["gpus_per_worker"],
             cpus_per_worker=o["cpus_per_worker"],
             ray_address=o["ray_address"],
-            placement=o.get("placement"),
             zero_stage=o["zero_stage"],
             deepspeed_config=path(o["deepspeed_config"]),
         ),
@@ -148,57 +178,86 @@ def config_from_options(o: dict[str, Any]):
     )
 
 
+def _variant_default(field: str) -> str:
+    values = {name.removeprefix("vtadl_"): getattr(m, field) for name, m in VARIANTS.items()}
+    shown = ", ".join(f"{name} {value}" for name, value in values.items())
+    return f"from the variant: {shown}"
+
+
+def _option(default: object, help: str, *names: str):
+    """A `train` option that is None unless given (so a --config file can set it), with the
+    default it stands for shown in the help (None: no default)."""
+    return typer.Option(None, *names, help=help, show_default=default is not None and str(default))
+
+
+_D, _M, _T, _E = DataConfig(), ModelConfig(), TrainConfig(), EvalConfig()
+
+
 @app.command()
 @handle_errors
 def train(
-    dataset: str = typer.Option("mvtec", help="mvtec, btad, mnist or folder."),
-    root: Path | None = typer.Option(None, help="Folder that holds the category folders."),
-    category: str | None = typer.Option(None, help="Product category, e.g. bottle."),
-    pack: str | None = typer.Option(
-        None, help="auto (pack once into a cache, default), none (read files), or a .h5 path."
+    dataset: str | None = _option(_D.dataset, "mvtec, btad, mnist or folder."),
+    root: Path | None = _option(_D.root, "Folder that holds the category folders."),
+    category: str | None = _option(None, "Product category, e.g. bottle (required)."),
+    pack: str | None = _option(
+        _D.pack, "auto (pack once into <out>/packs), none (read the files), or a .h5 path."
     ),
-    tile: int | None = typer.Option(None, help="Train on native-resolution tiles of this size."),
-    tile_overlap: int | None = typer.Option(None, help="Overlap of neighbouring tiles (pixels)."),
-    loader_workers: int | None = typer.Option(None, help="Data loader processes per worker."),
+    tile: int | None = _option(
+        "0: off", "Train on native-resolution tiles of this size (= --image-size)."
+    ),
+    tile_overlap: int | None = _option(_D.tile_overlap, "Overlap of neighbouring tiles (pixels)."),
+    loader_workers: int | None = _option(_D.num_workers, "Data loader processes per worker."),
     augment: bool | None = typer.Option(
         None,
         "--augment/--no-augment",
         help="Random horizontal and vertical flips (for textures and symmetric parts).",
+        show_default="no-augment",
+        metavar="",
     ),
-    strategy: str | None = typer.Option(None, help="single (this process), ddp or deepspeed."),
-    num_workers: int | None = typer.Option(None, help="Ray Train workers (ddp, deepspeed)."),
-    gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray Train worker."),
-    cpus_per_worker: float | None = typer.Option(None, help="CPUs per Ray Train worker."),
-    ray_address: str | None = typer.Option(
-        None, help="Ray cluster to join: auto or host:port (default: start a local one)."
+    strategy: str | None = _option(_T.strategy, "single (this process), ddp or deepspeed."),
+    num_workers: int | None = _option(_T.num_workers, "Ray Train workers (ddp, deepspeed)."),
+    gpus_per_worker: float | None = _option(_T.gpus_per_worker, "GPUs per Ray Train worker."),
+    cpus_per_worker: float | None = _option(_T.cpus_per_worker, "CPUs per Ray Train worker."),
+    ray_address: str | None = _option(
+        "start a private local Ray", "Ray cluster to join: auto or host:port."
     ),
-    zero_stage: int | None = typer.Option(None, help="DeepSpeed ZeRO stage 0-3."),
-    deepspeed_config: Path | None = typer.Option(None, help="DeepSpeed JSON config (experts)."),
-    variant: str | None = typer.Option(
-        None, help="vtadl_paper (default), vtadl_small, vtadl_tiny."
+    zero_stage: int | None = _option(_T.zero_stage, "DeepSpeed ZeRO stage 0-3."),
+    deepspeed_config: Path | None = _option(
+        "generated from the options", "DeepSpeed JSON config (experts)."
     ),
-    config: Path | None = typer.Option(None, help="YAML/JSON config file; options override it."),
-    epochs: int | None = typer.Option(None),
-    image_size: int | None = typer.Option(None, help="Input size; divisible by the patch size."),
-    batch_size: int | None = typer.Option(None),
-    lr: float | None = typer.Option(None),
-    n_gaussians: int | None = typer.Option(None),
-    noise_std: float | None = typer.Option(
-        None, help="Noise on the tokens in training; 0 disables."
+    variant: str | None = _option(
+        "vtadl_paper", f"Model size: {', '.join(VARIANTS)} (paper: 512 px; tiny: for tests)."
     ),
-    mdn_loss: str | None = typer.Option(
-        None, help="mixture (true NLL) or reference (published form)."
+    config: Path | None = _option(
+        None, "YAML/JSON config file; it overrides the variant, options override it."
     ),
-    score: str | None = typer.Option(None, help="Anomaly map: nll, recon or nll+recon."),
-    score_scale: str | None = typer.Option(
-        None, help="log (compress each score's tail) or linear, before standardising."
+    epochs: int | None = _option(_T.epochs, "Passes over the training images."),
+    image_size: int | None = _option(
+        _variant_default("img_size"), "Input size; divisible by the patch size."
     ),
-    precision: str | None = typer.Option(None, help="fp32 or bf16 (autocast)."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
-    seed: int | None = typer.Option(None),
-    out_dir: Path | None = typer.Option(None, "--out", help="Runs folder (default runs)."),
-    resume: bool = typer.Option(False, help="Continue the newest run of this category."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    batch_size: int | None = _option(_T.batch_size, "Images per step, over all workers."),
+    lr: float | None = _option(_T.lr, "Learning rate (Adam)."),
+    n_gaussians: int | None = _option(
+        _variant_default("n_gaussians"), "Gaussians in the mixture over the tokens."
+    ),
+    noise_std: float | None = _option(_M.noise_std, "Noise on the tokens in training; 0 disables."),
+    mdn_loss: str | None = _option(
+        _T.mdn_loss, "mixture (true NLL) or reference (published form)."
+    ),
+    score: str | None = _option(_E.score, "Anomaly map: nll, recon or nll+recon."),
+    score_scale: str | None = _option(
+        _E.scale, "log (compress each score's tail) or linear, before standardising."
+    ),
+    precision: str | None = _option(_T.precision, "fp32 or bf16 (autocast)."),
+    device: str | None = _option(_T.device, "auto, cpu, cuda, cuda:1, ..."),
+    seed: int | None = _option(_T.seed, "Seed of the weights, the data split and the noise."),
+    out_dir: Path | None = _option(_T.out, "Runs folder.", "--out"),
+    resume: bool = _flag(
+        "--resume",
+        "Continue the newest run of this category with its stored config (--epochs and a "
+        "moved --root may change).",
+    ),
+    as_json: bool = _flag("--json", "Print one JSON object as the last line."),
 ) -> None:
     """Train on one category, then evaluate on its test split."""
     from vtadl.runs import train_and_evaluate
@@ -227,7 +286,7 @@ def evaluate(
     grid_shifts: int | None = typer.Option(
         None, help="Score the patch grid at N x N offsets for a finer map (N^2 passes)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    as_json: bool = _flag("--json", "Print one JSON object as the last line."),
 ) -> None:
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
     overrides = {
@@ -329,8 +388,8 @@ def data_check(
     dataset: str = typer.Option("mvtec", help="mvtec, btad, mnist or folder."),
     root: Path = typer.Option(..., help="Folder of the categories (MNIST: of the IDX files)."),
     category: str | None = typer.Option(None, help="The category to check."),
-    all_categories: bool = typer.Option(False, "--all-categories", help="Check every category."),
-    strict: bool = typer.Option(False, help="Exit non-zero on warnings too."),
+    all_categories: bool = _flag("--all-categories", "Check every category."),
+    strict: bool = _flag("--strict", "Exit non-zero on warnings too."),
 ) -> None:
     """Validate a dataset: counts per split and defect type, every problem with its file."""
     from vtadl.data.check import check_dataset
@@ -350,7 +409,7 @@ def data_pack(
     dataset: str = typer.Option("mvtec", help="mvtec, btad, mnist or folder."),
     root: Path = typer.Option(..., help="Folder of the categories (MNIST: of the IDX files)."),
     category: str | None = typer.Option(None, help="The category to pack."),
-    all_categories: bool = typer.Option(False, "--all-categories", help="Pack every category."),
+    all_categories: bool = _flag("--all-categories", "Pack every category."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the .h5 packs."),
     image_size: int | None = typer.Option(None, help="Model input size (default 512)."),
     tile: int | None = typer.Option(None, help="Also store native-resolution tiles this big."),
@@ -393,9 +452,8 @@ def data_download(
     out.print(f"{dataset}: verified and extracted into {root}", highlight=False)
 
 
-from vtadl import cli_bench  # noqa: E402,F401  (registers data bench)
-from vtadl import cli_jobs  # noqa: E402,F401  (registers the job service's commands)
-from vtadl import cli_tune  # noqa: E402,F401  (registers tune, report, dashboard)
+# The other command modules register their commands on `app`.
+from vtadl import cli_bench, cli_jobs, cli_tune  # noqa: E402,F401
 
 
 def run() -> None:

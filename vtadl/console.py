@@ -28,8 +28,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def os_error_line(exc: OSError) -> str:
+    """An operating-system error on a user's path as one line: the path(s), then the problem."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    if not paths:
+        return str(exc)
+    return f"{' -> '.join(paths)}: {exc.strerror or exc}"
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Known errors become one line on stderr and exit code 2, never a traceback."""
+    """Known errors, and operating-system errors (a folder that cannot be written, a path
+    below a file, a full disk), become one line on stderr and exit code 2, never a traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,6 +46,8 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except VtadlError as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            raise fail(os_error_line(exc)) from None
         except KeyboardInterrupt:
             err.print("interrupted; checkpoints so far are kept (continue with --resume)")
             raise typer.Exit(130) from None
