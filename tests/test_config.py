@@ -210,11 +210,12 @@ def test_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         variant="vtadl_tiny",
         root="data",
         category="brick",
-        data={"pack": "packs/x.h5"},
+        data={"pack": "packs/x.h5", "local_copy": "scratch"},
         train={"out": "runs", "deepspeed_config": "ds.json"},
     )
     assert cfg.data.root == str(tmp_path / "data")
     assert cfg.data.pack == str(tmp_path / "packs" / "x.h5")
+    assert cfg.data.local_copy == str(tmp_path / "scratch")
     assert cfg.train.out == str(tmp_path / "runs")
     assert cfg.train.deepspeed_config == str(tmp_path / "ds.json")
     cfg, _ = train_config(variant="vtadl_tiny", category="brick", data={"pack": "none"})

@@ -225,9 +225,10 @@ def absolute_paths(config: Config) -> Config:
         return os.path.abspath(os.path.expanduser(path)) if path else path
 
     pack = d.pack if d.pack in ("auto", "none") else absolute(d.pack)
+    folders = {k: absolute(getattr(d, k)) for k in ("root", "pack_cache", "local_copy")}
     return replace(
         config,
-        data=replace(d, root=absolute(d.root), pack=pack, pack_cache=absolute(d.pack_cache)),
+        data=replace(d, pack=pack, **folders),
         train=replace(t, out=absolute(t.out), deepspeed_config=absolute(t.deepspeed_config)),
     )
 
