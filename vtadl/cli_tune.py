@@ -94,7 +94,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         for key, label in METRIC_NAMES.items()
         if test.get(key) is not None
     )
-    out.print(f"best trial (*) on the test split: {values}", highlight=False)
+    out.print(f"best trial (*) on the test split: {values}", highlight=False, soft_wrap=True)
     out.print(f"best run: {summary['best_run']}", highlight=False)
     out.print(f"experiment: {summary['experiment']}  (tune_results.csv)", highlight=False)
 

@@ -137,14 +137,17 @@ def _img(data: bytes, kind: str, alt: str = "") -> str:
     return f'<img alt="{html.escape(alt)}" src="data:{kind};base64,{encoded}">'
 
 
-def _figure(width: float = 4.6, height: float = 3.0):
+def _figure(width: float = 4.6, height: float = 3.0, integer_x: bool = False):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(width, height))
     ax.grid(True, alpha=0.3)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.spines[["top", "right"]].set_visible(False)
     return fig, ax
 
@@ -165,16 +168,17 @@ def ablation_plots(exp: Experiment) -> list[str]:
             )
             if not rows:
                 continue
-            label = f"{_LABELS[group]} {key:g}" if group else "trials"
+            label = f"{_SHORT[group]} {key:g}" if group else "trials"
             line = ax.plot([r[x] for r in rows], [r[exp.metric] for r in rows], "-", label=label)
             for r in rows:
                 full = r["state"] == "completed"
-                ax.plot(r[x], r[exp.metric], "o", color=line[0].get_color(),
-                        mfc=line[0].get_color() if full else "white")  # fmt: skip
-        if x == "n_gaussians" and exp.dataset in ("mvtec", "btad"):
-            k = sorted(PAPER_GAUSSIANS)
-            ax.plot(k, [PAPER_GAUSSIANS[i] for i in k], "--", color="0.6",
-                    label="paper (MVTec mean pixel AUROC)")  # fmt: skip
+                ax.plot(
+                    r[x],
+                    r[exp.metric],
+                    "o",
+                    color=line[0].get_color(),
+                    mfc=line[0].get_color() if full else "white",
+                )
         if x == "lr":
             ax.set_xscale("log")
         ax.set_xlabel(_LABELS[x])
@@ -187,17 +191,22 @@ def ablation_plots(exp: Experiment) -> list[str]:
 
 
 _LABELS = {"n_gaussians": "number of Gaussians", "noise_std": "noise level", "lr": "learning rate"}
+_SHORT = {"n_gaussians": "K =", "noise_std": "noise", "lr": "lr"}
 
 
 def curves_plot(title: str, series: dict[str, list[dict[str, Any]]], keys=("loss", "val_loss")):
-    fig, ax = _figure()
+    fig, ax = _figure(integer_x=True)
     for name, history in series.items():
+        colour = None
         for key in keys:
             if history and key in history[0]:
+                label = name if len(keys) == 1 else key if len(series) == 1 else f"{name} {key}"
                 style = "-" if key == "val_loss" else ":"
-                label = f"{name} {key}" if len(series) > 1 or len(keys) > 1 else name
-                ax.plot([h["epoch"] for h in history], [h[key] for h in history], style,
-                        label=label)  # fmt: skip
+                x, y = [h["epoch"] for h in history], [h[key] for h in history]
+                line = ax.plot(
+                    x, y, style, marker="." if len(x) < 4 else None, label=label, color=colour
+                )
+                colour = line[0].get_color()
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
@@ -234,8 +243,9 @@ def metrics_table(dataset: str, runs: list[Run]) -> str:
         count = sum(x.category == cat for x in runs)
         values = [r.metrics.get(k) for k in METRICS]
         epochs = r.history[-1]["epoch"] if r.history else None
-        rows.append([cat, *values, paper.get(cat), r.metrics.get("variant"), epochs, count,
-                     r.path.name])  # fmt: skip
+        rows.append(
+            [cat, *values, paper.get(cat), r.metrics.get("variant"), epochs, count, r.path.name]
+        )
     mean = ["mean", *(_mean([row[i] for row in rows]) for i in range(1, 5))]
     if paper and set(newest) >= set(paper):
         mean[4] = PAPER_MEANS[dataset]
@@ -264,11 +274,15 @@ def experiment_section(exp: Experiment) -> str:
     best = exp.summary.get("best", {}).get("trial_id")
     header = ["trial", *(_LABELS[p] for p in exp.params), METRICS[exp.metric], "epochs", "state"]
     rows = [
-        [r["trial_id"] + (" (best)" if r["trial_id"] == best else ""),
-         *(r[p] if p == "lr" else _fmt_param(r[p]) for p in exp.params),
-         r[exp.metric], int(r["epochs"] or 0), r["state"]]
+        [
+            r["trial_id"] + (" (best)" if r["trial_id"] == best else ""),
+            *(_fmt_param(r[p]) for p in exp.params),
+            r[exp.metric],
+            int(r["epochs"] or 0),
+            r["state"],
+        ]
         for r in exp.rows
-    ]  # fmt: skip
+    ]
     test = exp.summary.get("test_metrics")
     result = (
         "<p>Best trial on the test split (evaluated once): "
@@ -277,7 +291,12 @@ def experiment_section(exp: Experiment) -> str:
         if test
         else "<p class=note>search not finished: no test evaluation yet</p>"
     )
-    trials = {r["trial_id"]: _history(exp.path / "trials" / r["trial_id"]) for r in exp.rows}
+    trials = {
+        ", ".join(f"{_SHORT[p]} {_fmt_param(r[p])}" for p in exp.params): _history(
+            exp.path / "trials" / r["trial_id"]
+        )
+        for r in exp.rows
+    }
     return (
         f"<h4>Search {html.escape(exp.path.name)}</h4>"
         f"<p class=note>Objective: {METRICS[exp.metric]} on the tuning split (validation "
@@ -285,7 +304,17 @@ def experiment_section(exp: Experiment) -> str:
         "choose. Hollow markers: trials stopped early by the scheduler.</p>"
         f"<div class=plots>{''.join(ablation_plots(exp))}"
         f"{curves_plot(f'{exp.category}: validation loss of each trial', trials, ('val_loss',))}"
-        f"</div>{_table(header, rows)}{result}"
+        f"</div>{_paper_ablation(exp)}{_table(header, rows)}{result}"
+    )
+
+
+def _paper_ablation(exp: Experiment) -> str:
+    if "n_gaussians" not in exp.params:
+        return ""
+    figures = ", ".join(f"K={k} {v:.3f}" for k, v in PAPER_GAUSSIANS.items())
+    return (
+        "<p class=note>The paper's figure for comparison (MVTec AD mean, pixel AUROC on the "
+        f"test split, which the paper calls PRO): {figures}.</p>"
     )
 
 
@@ -303,7 +332,7 @@ th,td{padding:4px 10px;text-align:right;border-bottom:1px solid #e4e4e4}
 th:first-child,td:first-child{text-align:left}th{background:#f4f4f4;font-weight:600}
 tfoot td{font-weight:600;border-top:2px solid #bbb}
 .note{color:#666;font-size:12.5px;margin:4px 0}
-.plots{display:flex;flex-wrap:wrap;gap:12px}.plots img{max-width:100%}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plots img{width:calc((100% - 24px) / 3)}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
 .gallery img{width:100%;image-rendering:pixelated;border:1px solid #ddd}
 figure{margin:0}figcaption{font-size:12px;color:#555}
@@ -326,8 +355,9 @@ def render(root: Path, runs: list[Run], experiments: list[Experiment]) -> str:
         parts.append(f"<h2>{html.escape(dataset)}</h2>")
         if druns:
             parts.append(metrics_table(dataset, druns))
-        categories = sorted({r.category for r in druns} | {e.category for e in experiments
-                                                             if e.dataset == dataset})  # fmt: skip
+        categories = sorted(
+            {r.category for r in druns} | {e.category for e in experiments if e.dataset == dataset}
+        )
         for cat in categories:
             parts.append(f"<h3>{html.escape(dataset)} / {html.escape(cat)}</h3>")
             for exp in (e for e in experiments if e.dataset == dataset and e.category == cat):
@@ -374,8 +404,17 @@ def serve_tensorboard(
     root = Path(runs_dir)
     if not root.is_dir():
         raise RunError(f"runs folder not found: {root}")
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(root),
-               "--port", str(port), "--host", host]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(root),
+        "--port",
+        str(port),
+        "--host",
+        host,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

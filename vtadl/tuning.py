@@ -7,9 +7,10 @@
    needs no labelled anomalies and never reads the test split.
 2. Each trial is one training run of the base config with the trial's parameters, through
    `vtadl.runs.fit` (in the trial's process, or a `TorchTrainer` launched from it for ddp and
-   deepspeed: the Ray Train V2 way). After every epoch the trial scores the run's best
-   checkpoint so far on the tuning split and reports the objective to Tune, so ASHA can stop
-   poor trials early.
+   deepspeed: the Ray Train V2 way). Every epoch the trial reports its objective to Tune, so
+   ASHA can stop poor trials early: the score of the run's best checkpoint (lowest validation
+   loss) on the tuning split, computed afresh at the first epoch, at each of ASHA's decision
+   points and at the last epoch (scoring every epoch would add about half an epoch's time).
 3. The objective is AU-PRO on the tuning split by default. The validation loss cannot rank
    runs with different noise levels or numbers of Gaussians (the noise and the mixture change
    the loss itself), and pixel AUROC is dominated by the largest defects: the synthetic
@@ -34,6 +35,7 @@ import math
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +66,7 @@ OBJECTIVE, EPOCH = "objective", "epoch"
 SPLIT_FILE, SETTINGS_FILE = "tuning_split.npz", "tune_settings.json"
 RESULTS_FILE, SUMMARY_FILE = "tune_results.csv", "tuning.json"
 FINISHED = ("completed", "stopped early", "error")
+_KINDS = {"int": "a whole number", "str": "a string"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class TuneSettings:
     scheduler: str = "asha"
     metric: str = "au_pro"
     max_concurrent: int = 1
-    grace_period: int = 1
+    grace_period: int = 0  # epochs before ASHA's first decision; 0: an eighth of the epochs
     reduction_factor: int = 2
     defects_per_kind: int = 2
     name: str = ""
@@ -118,6 +121,12 @@ def settings_from_options(options: dict[str, Any]) -> TuneSettings:
     unknown = sorted(set(o) - known)
     if unknown:
         raise ConfigError(f"unknown tune option(s): {', '.join(unknown)}")
+    for name, value in o.items():
+        kind = TuneSettings.__dataclass_fields__[name].type
+        if (kind == "int") != (isinstance(value, int) and not isinstance(value, bool)) or (
+            kind == "str" and not isinstance(value, str)
+        ):
+            raise ConfigError(f"tune option {name} must be {_KINDS[kind]}, got {value!r}")
     s = TuneSettings(space=space or dict(DEFAULT_SPACE), **o)
     for value, allowed, what in (
         (s.search, SEARCHES, "search"),
@@ -126,7 +135,9 @@ def settings_from_options(options: dict[str, Any]) -> TuneSettings:
     ):
         if value not in allowed:
             raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-    for name in ("num_samples", "max_concurrent", "grace_period", "defects_per_kind"):
+    if s.grace_period < 0:
+        raise ConfigError(f"grace_period must not be negative, got {s.grace_period}")
+    for name in ("num_samples", "max_concurrent", "defects_per_kind"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(s, name)}")
     if s.reduction_factor < 2:
@@ -139,6 +150,10 @@ def settings_from_options(options: dict[str, Any]) -> TuneSettings:
                 "search optuna needs the optuna package (pip install optuna)"
             ) from None
     return s
+
+
+def grace_period(settings: TuneSettings, epochs: int) -> int:
+    return min(settings.grace_period or max(1, epochs // 8), epochs)
 
 
 def search_space(settings: TuneSettings) -> dict[str, Any]:
@@ -199,18 +214,33 @@ def _stored_config(run_dir: str | Path) -> dict:
     return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
 
 
-class _Reporter(Callbacks):
-    """Scores the best checkpoint so far on the tuning split after each epoch; reports it."""
+def scoring_epochs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """Epochs at which a trial scores its best checkpoint on the tuning split: the first, the
+    scheduler's decision points (ASHA's rungs: grace * factor^k) and the last."""
+    marks, rung = {1, epochs}, grace_period
+    while rung < epochs:
+        marks.add(rung)
+        rung *= reduction_factor
+    return sorted(marks)
 
-    def __init__(self, run_dir: Path, split: TuningSplit, metric: str) -> None:
+
+class _Reporter(Callbacks):
+    """Reports every epoch; scores the best checkpoint on the tuning split at the scoring
+    epochs (if it changed), so in between the objective is that of the last scoring."""
+
+    def __init__(self, run_dir: Path, split: TuningSplit, metric: str, score_at: list[int]):
         self.run_dir, self.split, self.metric = run_dir, split, metric
+        self.score_at = set(score_at)
         self.scores: dict | None = None
+        self.stale = True
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         from ray import tune
 
-        if record.get("best") or self.scores is None:
+        self.stale = self.stale or bool(record.get("best"))
+        if self.scores is None or (self.stale and record["epoch"] in self.score_at):
             self.scores = tuning_scores(self.run_dir, self.split)
+            self.stale = False
         tune.report(
             {
                 OBJECTIVE: self.scores[self.metric],
@@ -233,7 +263,8 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     config = trial_config(Config.from_dict(setup["config"]), params)
     run_dir = Path(setup["experiment"]) / "trials" / tune.get_context().get_trial_id()
     split = TuningSplit.load(Path(setup["experiment"]) / SPLIT_FILE)
-    fit(config, run_dir=run_dir, callbacks=_Reporter(run_dir, split, setup["metric"]))
+    reporter = _Reporter(run_dir, split, setup["metric"], setup["score_at"])
+    fit(config, run_dir=run_dir, callbacks=reporter)
 
 
 def trial_dirname(trial) -> str:
@@ -281,7 +312,14 @@ def _trainable(config: Config, settings: TuneSettings, experiment: Path):
     else:
         # The trial only waits for its TorchTrainer's workers and scores between epochs.
         resources = {"cpu": 0}
-    setup = {"config": config.to_dict(), "experiment": str(experiment), "metric": settings.metric}
+    setup = {
+        "config": config.to_dict(),
+        "experiment": str(experiment),
+        "metric": settings.metric,
+        "score_at": scoring_epochs(
+            t.epochs, grace_period(settings, t.epochs), settings.reduction_factor
+        ),
+    }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
 
 
@@ -297,7 +335,7 @@ def _tuner(config: Config, settings: TuneSettings, experiment: Path, trainable, 
         ASHAScheduler(
             time_attr=EPOCH,
             max_t=config.train.epochs,
-            grace_period=min(settings.grace_period, config.train.epochs),
+            grace_period=grace_period(settings, config.train.epochs),
             reduction_factor=settings.reduction_factor,
         )
         if settings.scheduler == "asha"
@@ -311,6 +349,9 @@ def _tuner(config: Config, settings: TuneSettings, experiment: Path, trainable, 
         search_alg = ConcurrencyLimiter(
             OptunaSearch(seed=config.train.seed), max_concurrent=settings.max_concurrent
         )
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     return tune.Tuner(
         trainable,
         param_space=search_space(settings),
@@ -320,7 +361,8 @@ def _tuner(config: Config, settings: TuneSettings, experiment: Path, trainable, 
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent,
+            # The limiter bounds Optuna's trials; Tune warns if both are given.
+            max_concurrent_trials=None if search_alg else settings.max_concurrent,
             reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
@@ -337,6 +379,24 @@ def n_trials(settings: TuneSettings) -> int:
     """How many trials the search runs."""
     grid = math.prod(map(len, settings.space.values())) if settings.search == "grid" else 1
     return grid * settings.num_samples
+
+
+@contextmanager
+def _quiet_tune():
+    """Tune's console output only with -v: its newer output prints a header and a TensorBoard
+    hint into Ray's temporary session folder whatever the verbosity; the older one does not."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT")
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def trial_rows(experiment: Path, settings: TuneSettings, epochs: int) -> list[dict[str, Any]]:
@@ -464,7 +524,8 @@ def tune(base_config: Config, options: dict[str, Any]) -> dict[str, Any]:
     started = _start_ray(base.train.ray_address)
     try:
         trainable = _trainable(base, settings, experiment)
-        _tuner(base, settings, experiment, trainable, resume).fit()
+        with _quiet_tune():
+            _tuner(base, settings, experiment, trainable, resume).fit()
         rows = trial_rows(experiment, settings, base.train.epochs)
         write_results(experiment / RESULTS_FILE, rows)
         if len(rows) < n_trials(settings) or any(r["state"] not in FINISHED for r in rows):
