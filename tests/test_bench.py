@@ -68,7 +68,7 @@ def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
         assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 1
         contrast = np.abs(image.astype(float) - clean)[mask].mean()
         assert contrast >= bench.MIN_DEFECT_CONTRAST[defect]
-        novel = bench._rare_colours(category)[bench._bins(image[mask])].mean()
+        novel = bench._rare_colours(category)[bench.colour_bins(image[mask])].mean()
         assert novel <= bench.MAX_NOVEL_COLOUR
 
 

@@ -91,7 +91,8 @@ def _is_grey(name: str) -> bool:
     return bool((photo == photo[..., :1]).all())
 
 
-def _bins(image: np.ndarray) -> np.ndarray:
+def colour_bins(image: np.ndarray) -> np.ndarray:
+    """Each pixel's colour bin, 0..4095: 16 levels per channel."""
     q = np.asarray(image, dtype=np.int64) // 16
     return q[..., 0] * 256 + q[..., 1] * 16 + q[..., 2]
 
@@ -110,7 +111,7 @@ def _region(name: str) -> np.ndarray:
 @functools.cache
 def _rare_colours(name: str) -> np.ndarray:
     """(4096,) bool: colour bins that are rare in the category's region."""
-    counts = np.bincount(_bins(_region(name)), minlength=4096)
+    counts = np.bincount(colour_bins(_region(name)), minlength=4096)
     return counts < _RARE * counts.sum()
 
 
@@ -242,7 +243,7 @@ def add_defect(
             continue
         if np.abs(out.astype(np.float64) - base)[mask].mean() < MIN_DEFECT_CONTRAST[defect]:
             continue
-        if _rare_colours(name)[_bins(out[mask])].mean() > MAX_NOVEL_COLOUR:
+        if _rare_colours(name)[colour_bins(out[mask])].mean() > MAX_NOVEL_COLOUR:
             continue
         return out, mask
     raise RuntimeError(f"could not draw a {defect} defect on {name} in {_MAX_TRIES} tries")
