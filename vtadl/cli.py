@@ -153,6 +153,7 @@ def config_from_options(o: dict[str, Any]):
             tile_overlap=o["tile_overlap"],
             num_workers=o["loader_workers"],
             augment=o["augment"],
+            local_copy=path(o.get("local_copy")),
         ),
         model=dict(
             img_size=o["image_size"], n_gaussians=o["n_gaussians"], noise_std=o["noise_std"]
@@ -171,6 +172,7 @@ def config_from_options(o: dict[str, Any]):
             gpus_per_worker=o["gpus_per_worker"],
             cpus_per_worker=o["cpus_per_worker"],
             ray_address=o["ray_address"],
+            placement=o.get("placement"),
             zero_stage=o["zero_stage"],
             deepspeed_config=path(o["deepspeed_config"]),
         ),
@@ -220,6 +222,13 @@ def train(
     cpus_per_worker: float | None = _option(_T.cpus_per_worker, "CPUs per Ray Train worker."),
     ray_address: str | None = _option(
         "start a private local Ray", "Ray cluster to join: auto or host:port."
+    ),
+    placement: str | None = _option(
+        _T.placement, "Ray Train workers: pack (fill a node first) or spread (one per node)."
+    ),
+    local_copy: Path | None = _option(
+        "read the pack where it is",
+        "Node-local folder: each node copies the pack there first (packs on a shared disk).",
     ),
     zero_stage: int | None = _option(_T.zero_stage, "DeepSpeed ZeRO stage 0-3."),
     deepspeed_config: Path | None = _option(
