@@ -52,6 +52,8 @@ class _RichCallbacks:
     """Epoch and step progress bars on a terminal; elsewhere (a job log, `nohup`), one line
     per epoch on stderr, so that a long run does not look hung."""
 
+    reads_checkpoints = False  # the loop need not wait for checkpoint writes to call us
+
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.epochs = self.steps = self.evaluation = None
@@ -76,7 +78,7 @@ class _RichCallbacks:
         _log_line(
             f"epoch {record['epoch']}/{self.total_epochs}: loss {record['loss']:.4f}, "
             f"val {record['val_loss']:.4f}{' (best)' if record['best'] else ''}, "
-            f"{record['seconds']:.1f} s"
+            f"{record['wall_seconds']:.1f} s ({record['train_seconds']:.1f} s in training steps)"
         )
 
     def evaluating(self, done: int, total: int) -> None:
@@ -131,6 +133,15 @@ def _print_metrics(result: dict, run_dir: Path, as_json: bool) -> None:
             values = ["-" if m[k] is None else f"{m[k]:.4f}" for k in keys]
             per.add_row(defect, str(m["n_images"]), *values)
         out.print(per)
+    timing = result.get("timing")
+    if timing and timing["epochs"]:
+        out.print(
+            f"took {timing['wall_seconds']:.1f} s: training {timing['fit_seconds']:.1f} s for "
+            f"{timing['epochs']} epochs ({timing['wall_images_per_second']:.1f} images/s; "
+            f"{timing['images_per_second']:.1f} images/s in the {timing['train_seconds']:.1f} s "
+            f"of training steps), evaluation {timing['evaluate_seconds']:.1f} s",
+            highlight=False,
+        )
     out.print(f"run folder: {run_dir}  (heat maps in {run_dir / 'maps'})", highlight=False)
 
 

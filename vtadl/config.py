@@ -96,6 +96,18 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     # Ray Train workers: "pack" fills nodes one by one, "spread" one per node where possible.
     placement: str = "pack"
+    # The resumable checkpoint (last.pt, optimiser state included) is due every N epochs or
+    # every M minutes (0 turns a rule off), and always after the last epoch; a kill loses at
+    # most one interval. best.pt (weights only) is written on every new best validation loss.
+    checkpoint_every_epochs: int = 1
+    checkpoint_every_minutes: float = 10.0
+    # Write checkpoints on a background thread from a host copy of the state; a due last.pt
+    # waits for the next epoch while the previous one is still being written.
+    checkpoint_background: bool = True
+    # CUDA only: TF32 matmuls (torch.set_float32_matmul_precision("high")).
+    tf32: bool = False
+    compile: bool = False  # torch.compile the model (single and ddp)
+    fused_adam: bool = False  # Adam's fused implementation (single and ddp)
 
 
 @dataclass(frozen=True)
@@ -290,6 +302,10 @@ def validate(c: Config) -> Config:
         ),
         (t.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}"),
         (t.max_failures >= 0, f"max_failures must not be negative, got {t.max_failures}"),
+        (
+            t.checkpoint_every_epochs >= 0 and t.checkpoint_every_minutes >= 0,
+            "checkpoint_every_epochs and checkpoint_every_minutes must not be negative (0: off)",
+        ),
         (0 < d.val_fraction < 1, f"val_fraction must be in (0, 1), got {d.val_fraction}"),
         (
             d.tile >= 0 and 0 <= d.tile_overlap < max(d.tile, 1),

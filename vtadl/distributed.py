@@ -5,11 +5,13 @@ workers (Ray Train V2 API). Each worker takes its slice of every global batch; r
 the run folder exactly as a single-process run does, so everything downstream (evaluation,
 heat maps, reports) does not care which strategy trained the model.
 
-Fault tolerance: every epoch ends with `ray.train.report(..., checkpoint=...)`. When a worker
-dies, Ray Train restarts the worker group (`FailureConfig(max_failures)`) and the loop resumes
-from the last reported checkpoint. Ray's storage for a run is `<run_dir>/ray` under a fixed
-name, so calling `fit_distributed` again on the same run folder resumes it on purpose, and a
-new run folder never resumes by accident.
+Fault tolerance: every epoch ends with `ray.train.report(metrics)`, with a checkpoint attached
+when the run's checkpoint policy says one is due (by default every epoch; see
+`vtadl.checkpoints.CheckpointPolicy`). When a worker dies, Ray Train restarts the worker group
+(`FailureConfig(max_failures)`) and the loop resumes from the last reported checkpoint.
+Ray's storage for a run is `<run_dir>/ray` under a fixed name, so calling `fit_distributed`
+again on the same run folder resumes it on purpose, and a new run folder never resumes by
+accident.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from vtadl.training import (
     LAST,
     Callbacks,
     Engine,
+    NoCallbacks,
     Workers,
+    adam,
     ensure_writable,
     load_checkpoint,
     new_run_dir,
@@ -83,9 +87,8 @@ class DeepSpeedEngine(Engine):
 
         t = config.train
         ds_config = deepspeed_config(config)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.ds, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config
+            model=model, optimizer=adam(model, t), config=ds_config
         )
         super().__init__(self.ds.module, optimizer, grad_clip=0.0, wrapped=self.ds)
         if ds_config.get("bf16", {}).get("enabled"):
@@ -97,7 +100,7 @@ class DeepSpeedEngine(Engine):
 
     def state(self) -> dict[str, Any]:
         # The portable checkpoint holds fp32 weights only; the (possibly sharded) optimiser
-        # state lives in DeepSpeed's own checkpoint, reported to Ray each epoch.
+        # state lives in DeepSpeed's own checkpoint, reported to Ray when one is due.
         return {"model": {k: v.float() for k, v in self.module.state_dict().items()}}
 
 
@@ -137,6 +140,8 @@ class RayWorkers(Workers):
 
         engine = super().engine(model, config)
         engine.forward_module = prepare_model(model)  # DDP when there are several workers
+        if config.train.compile:
+            engine.forward_module = torch.compile(engine.forward_module)
         return engine
 
     def checkpoint_to_resume(self, run_dir: Path) -> dict[str, Any] | None:
@@ -169,11 +174,14 @@ class RayWorkers(Workers):
         dist.all_reduce(t)
         return t.cpu().numpy()
 
-    def report(self, record: dict, state: dict, run_dir: Path, engine: Engine) -> None:
+    def report(self, record: dict, state: dict | None, run_dir: Path, engine: Engine) -> None:
         import ray.train
         import torch.distributed as dist
 
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float | bool)}
+        if state is None:  # no checkpoint due: metrics only (every rank agrees on this)
+            ray.train.report(metrics)
+            return
         name = f"epoch_{record['epoch']:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             if isinstance(engine, DeepSpeedEngine):
@@ -198,7 +206,7 @@ class RayWorkers(Workers):
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = Config.from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    train_loop(config, run_dir, RayWorkers(config, run_dir), Callbacks())
+    train_loop(config, run_dir, RayWorkers(config, run_dir), NoCallbacks())
 
 
 # How long a Ray address may take to accept a connection before it counts as not answering.
@@ -307,7 +315,7 @@ def fit_distributed(
 
     config = absolute_paths(config)
     t = config.train
-    callbacks = callbacks or Callbacks()
+    callbacks = callbacks or NoCallbacks()
     # Everything a user can get wrong fails here, in seconds, before Ray starts: the Ray
     # address, the runs folder, the DeepSpeed file, the data (packed once, here).
     if not ray.is_initialized():

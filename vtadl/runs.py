@@ -7,7 +7,9 @@ Tune trials all call these, so none of them knows how a strategy is launched.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +54,39 @@ def train_and_evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """A whole run: `fit`, then evaluate the best checkpoint on the test split.
-    Returns the run folder and the metrics (as in its metrics.json)."""
+    Returns the run folder and the metrics (as in its metrics.json), with the run's
+    `timing` (as in its timing.json) added."""
     from vtadl.evaluation import evaluate_run
 
+    began, tic = time.time(), time.perf_counter()
     run_dir = fit(config, run_dir=run_dir, callbacks=callbacks)
-    return run_dir, evaluate_run(run_dir, progress=progress)
+    trained = time.perf_counter()
+    result = evaluate_run(run_dir, progress=progress)
+    timing = run_timing(run_dir, began, trained - tic, time.perf_counter() - trained)
+    (run_dir / "timing.json").write_text(json.dumps(timing, indent=2))
+    return run_dir, {**result, "timing": timing}
+
+
+def run_timing(
+    run_dir: Path, began: float, fit_seconds: float, evaluate_seconds: float
+) -> dict[str, Any]:
+    """Where the wall clock of a `train_and_evaluate` call went. Only the epochs trained in
+    this call count (a resumed run's earlier epochs do not); `fit_seconds` includes setup
+    (packing, model, Ray), validation and checkpoints."""
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, filter(str.strip, lines)) if r["finished_at"] >= began]
+    images = sum(r["images"] for r in records)
+    steps = sum(r["train_seconds"] for r in records)
+    return {
+        "wall_seconds": round(fit_seconds + evaluate_seconds, 3),
+        "fit_seconds": round(fit_seconds, 3),
+        "evaluate_seconds": round(evaluate_seconds, 3),
+        "epochs": len(records),
+        "images": images,
+        "train_seconds": round(steps, 3),
+        "images_per_second": round(images / steps, 3) if steps else None,
+        "wall_images_per_second": round(images / fit_seconds, 3),
+    }
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

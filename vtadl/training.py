@@ -1,8 +1,9 @@
 """The training loop: one function of a config.
 
-`fit(config)` builds data, model and optimiser, trains in this process, checkpoints every
-epoch with the config inside, keeps the checkpoint with the lowest validation loss (held-out
-normal training images, never the test split) and returns the run folder.
+`fit(config)` builds data, model and optimiser, trains in this process and returns the run
+folder. It keeps the weights with the lowest validation loss (held-out normal training images,
+never the test split) in best.pt and the state to resume from in last.pt, as often as
+`vtadl.checkpoints.CheckpointPolicy` says (by default every epoch, written in the background).
 `fit(config, run_dir=...)` trains in that folder: it resumes from the folder's last checkpoint
 if there is one and ends where an uninterrupted run would. The loop knows nothing of
 launchers: `vtadl.runs.fit` picks this function or `vtadl.distributed.fit_distributed` by the
@@ -11,6 +12,7 @@ config's strategy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,28 +27,53 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from vtadl.config import Config, absolute_paths, save_config, validate
+from vtadl.checkpoints import (
+    BEST,
+    LAST,
+    CheckpointPolicy,
+    CheckpointWriter,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from vtadl.config import Config, TrainConfig, absolute_paths, save_config, validate
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
 from vtadl.losses import vtadl_loss
 from vtadl.model import VTADL, build_model
 
+__all__ = ["BEST", "LAST", "load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
+
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
 # A training loss this many times larger in size than the run's first (or 1, if that is
 # smaller) means training diverged: the loss terms are bounded below, and a healthy run's
 # loss falls from its first value.
 DIVERGENCE_FACTOR = 1e3
+# On an accelerator the loop reads the step losses (a host synchronisation) about this often,
+# not every step; a CPU has nothing to wait for, so it reads them every step.
+HOST_SYNC_SECONDS = 1.0
 
 
 class Callbacks:
-    """Hooks for progress display or reporting; every method is optional."""
+    """Hooks for progress display or reporting; every method is optional.
+
+    `on_step` comes for every step in order, but on an accelerator in bursts about once a
+    second (the loop reads the losses from the device that rarely). Set `reads_checkpoints`
+    False if `on_epoch_end` does not open the run's checkpoint files: the loop then does not
+    wait for a new best.pt to be on disk before calling it.
+    """
+
+    reads_checkpoints = True
 
     def on_train_start(self, run_dir: Path, epochs: int, steps_per_epoch: int) -> None: ...
     def on_step(self, epoch: int, step: int, loss: float) -> None: ...
     def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+class NoCallbacks(Callbacks):
+    reads_checkpoints = False
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,6 +100,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 matmuls on CUDA (`train.tf32`); elsewhere nothing. cuDNN convolutions use TF32
+    by PyTorch's own default either way."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+def adam(model: torch.nn.Module, t: TrainConfig, fused: bool = False) -> torch.optim.Adam:
+    return torch.optim.Adam(
+        model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused or None
+    )
+
+
 def new_run_dir(config: Config) -> Path:
     d = config.data
     parent = Path(config.train.out) / d.dataset / d.category
@@ -91,31 +131,6 @@ def latest_run(out: str | Path, dataset: str, category: str) -> Path:
     if not runs:
         raise RunError(f"no run with a checkpoint to resume under {parent}")
     return runs[-1]
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise RunError(f"checkpoint {path} cannot be read: {exc}") from None
-
-
-def model_from_checkpoint(path: str | Path) -> tuple[Config, VTADL, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained with, from the config inside it."""
-    state = load_checkpoint(path)
-    config = Config.from_dict(state["config"])
-    model = build_model(config.model)
-    model.load_state_dict(state["model"])
-    return config, model.eval(), state
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -248,8 +263,10 @@ class Workers:
 
     def engine(self, model: VTADL, config: Config) -> Engine:
         t = config.train
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        return Engine(model, optimizer, t.grad_clip)
+        engine = Engine(model, adam(model, t, t.fused_adam), t.grad_clip)
+        if t.compile:
+            engine.forward_module = torch.compile(model)
+        return engine
 
     def checkpoint_to_resume(self, run_dir: Path) -> dict[str, Any] | None:
         path = run_dir / "checkpoints" / LAST
@@ -261,8 +278,9 @@ class Workers:
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         return values
 
-    def report(self, record: dict, state: dict, run_dir: Path, engine: Engine) -> None:
-        """After each epoch, once rank 0 has written the run folder."""
+    def report(self, record: dict, state: dict | None, run_dir: Path, engine: Engine) -> None:
+        """After each epoch, once rank 0 has written the run folder; `state` is the resumable
+        state when a checkpoint is due, else None."""
 
 
 def fit(
@@ -277,7 +295,7 @@ def fit(
     pick_device(config.train.device)
     ensure_writable(Path(config.train.out))
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-    train_loop(config, run_dir, Workers(), callbacks or Callbacks())
+    train_loop(config, run_dir, Workers(), callbacks or NoCallbacks())
     return run_dir
 
 
@@ -316,6 +334,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     lead = rank == 0
     ckpt_dir = run_dir / "checkpoints"
     device = workers.device(config)
+    set_tf32(device, t.tf32)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
@@ -329,8 +348,6 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     )
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw, pin_memory=pin)
     engine = workers.engine(build_model(config.model).to(device), config)
-    m = config.model
-    token_shape = ((m.img_size // m.patch_size) ** 2, m.embed_dim)
 
     start, best, first_loss = 0, math.inf, None
     state = workers.checkpoint_to_resume(run_dir)
@@ -347,66 +364,153 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     writer = _tensorboard(run_dir) if lead else None
+    policy = CheckpointPolicy(
+        t.checkpoint_every_epochs, t.checkpoint_every_minutes, t.epochs, start=start
+    )
+    files = CheckpointWriter(background=lead and t.checkpoint_background)
+    wait_for_best = getattr(callbacks, "reads_checkpoints", True)
+    steps = _Steps(config, workers, callbacks, device, ckpt_dir, first_loss)
 
     callbacks.on_train_start(run_dir, t.epochs, len(train_loader))
-    for epoch in range(start, t.epochs):
-        engine.module.train()
-        sampler.set_epoch(epoch)
-        tic, sums = time.perf_counter(), np.zeros(5)
-        for step, images in enumerate(train_loader):
+    wall = time.perf_counter()
+    try:
+        for epoch in range(start, t.epochs):
+            engine.module.train()
+            sampler.set_epoch(epoch)
+            tic = time.perf_counter()
+            sums = steps.epoch(engine, train_loader, epoch)
+            train_seconds = time.perf_counter() - tic
+            # Rank 0 decides whether a checkpoint is due (the clock differs between workers).
+            due = lead and policy.due(epoch + 1)
+            sums = workers.all_sum(np.append(sums, float(due)))
+            due = bool(sums[5])
+            record = {
+                "epoch": epoch + 1,
+                **dict(zip(("loss", "mse", "ssim", "nll"), (sums[:4] / sums[4]).tolist())),
+            }
+            tic = time.perf_counter()
+            record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
+            _check_validation(record, len(train_loader), ckpt_dir, t.lr)
+            record["images"] = int(sums[4])
+            record["val_seconds"] = round(time.perf_counter() - tic, 3)
+            record["train_seconds"] = round(train_seconds, 3)
+            record["images_per_second"] = round(float(sums[4]) / train_seconds, 3)
+            record["global_batch_size"] = t.batch_size
+            record["per_worker_batch_size"] = len(
+                range(rank, min(t.batch_size, len(train_set)), world)
+            )
+            record["workers"] = world
+            is_best = record["val_loss"] < best
+            best = min(best, record["val_loss"])
+            record["best"] = is_best
+            record["checkpoint"] = due
+
+            tic = time.perf_counter()
+            kept = {"config": config.to_dict(), "epoch": epoch, "best_val_loss": best}
+            weights = files.snapshot(engine.state()) if due or (lead and is_best) else {}
+            if lead and is_best:
+                files.submit(ckpt_dir / BEST, {**kept, "model": weights["model"], "record": record})
+            resumable = None
+            if due:
+                resumable = {
+                    **kept,
+                    **weights,
+                    "rng": torch.get_rng_state(),
+                    "first_loss": steps.first_loss,
+                    "record": dict(record),
+                }
+                # The last epoch's checkpoint is always written; an earlier one waits for the
+                # next epoch while the previous one is still being written.
+                if lead and (epoch + 1 == t.epochs or not files.busy(LAST)):
+                    files.submit(ckpt_dir / LAST, resumable)
+                    policy.saved(epoch + 1)
+            workers.report(record, resumable, run_dir, engine)
+            if lead and is_best and wait_for_best:
+                files.wait(BEST)
+            record["checkpoint_seconds"] = round(time.perf_counter() - tic, 3)
+            # The epoch's wall clock: training, validation, checkpoints and the previous
+            # epoch's reporting; `seconds` is the same figure under its older name.
+            now = time.perf_counter()
+            record["wall_seconds"] = record["seconds"] = round(now - wall, 3)
+            record["wall_images_per_second"] = round(float(sums[4]) / (now - wall), 3)
+            record["finished_at"] = round(time.time(), 3)
+            wall = now
+            if lead:
+                with open(run_dir / "history.jsonl", "a") as f:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
+                for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll"):
+                    writer.add_scalar(key, record[key], epoch + 1)
+                for key in ("images_per_second", "wall_images_per_second"):
+                    writer.add_scalar(key, record[key], epoch + 1)
+                writer.flush()
+            log.info("epoch %d: %s", epoch + 1, record)
+            callbacks.on_epoch_end(record)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the first error; finish what is written
+            files.close()
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    files.close()
+
+
+def host_sync_seconds(device: torch.device) -> float:
+    return 0.0 if device.type == "cpu" else HOST_SYNC_SECONDS
+
+
+class _Steps:
+    """The training steps of an epoch. The step losses stay on the device and are read
+    (one host synchronisation for many steps) every `HOST_SYNC_SECONDS` on an accelerator
+    and every step on a CPU, then checked, summed and passed to `on_step` in order."""
+
+    def __init__(self, config, workers, callbacks, device, ckpt_dir, first_loss) -> None:
+        self.config, self.workers, self.callbacks = config, workers, callbacks
+        self.device, self.ckpt_dir, self.first_loss = device, ckpt_dir, first_loss
+        self.every = host_sync_seconds(device)
+        m = config.model
+        self.token_shape = ((m.img_size // m.patch_size) ** 2, m.embed_dim)
+
+    def epoch(self, engine: Engine, loader: DataLoader, epoch: int) -> np.ndarray:
+        """Train one epoch; returns the sums of (loss, mse, ssim, nll) over images, and the
+        number of images."""
+        t, device, rank, world = (
+            self.config.train,
+            self.device,
+            self.workers.rank,
+            self.workers.world,
+        )
+        sums, pending, read_at = np.zeros(5), [], time.perf_counter()
+        for step, images in enumerate(loader):
             images = to_float(images.to(device, non_blocking=True))
-            if config.data.augment:
+            if self.config.data.augment:
                 images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
             noise = None
-            if m.noise_std > 0:
-                noise = token_noise(token_shape, t.seed, epoch, step, t.batch_size, rank, world)
+            if self.config.model.noise_std > 0:
+                noise = token_noise(
+                    self.token_shape, t.seed, epoch, step, t.batch_size, rank, world
+                )
                 noise = noise[: len(images)].to(device, non_blocking=True)
-            terms = loss_terms(engine.forward_module, images, config, engine.cast, noise)
-            # The step's one host synchronisation: every term at once.
-            values = torch.stack([v.detach().float() for v in terms]).tolist()
-            first_loss = values[0] if first_loss is None else first_loss
-            _check_step(values, first_loss, epoch, step, ckpt_dir, t.lr)
+            terms = loss_terms(engine.forward_module, images, self.config, engine.cast, noise)
+            pending.append((step, torch.stack([v.detach().float() for v in terms]), len(images)))
+            if time.perf_counter() - read_at >= self.every:
+                sums += self._read(pending, epoch)
+                read_at = time.perf_counter()
             engine.step(terms.total)
-            sums += np.array([*values, 1.0]) * len(images)
-            callbacks.on_step(epoch, step, values[0])
-        sums = workers.all_sum(sums)
-        record = {
-            "epoch": epoch + 1,
-            **dict(zip(("loss", "mse", "ssim", "nll"), (sums[:4] / sums[4]).tolist())),
-        }
-        record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
-        _check_validation(record, len(train_loader), ckpt_dir, t.lr)
-        record["seconds"] = round(time.perf_counter() - tic, 3)
-        record["images_per_second"] = round(float(sums[4]) / record["seconds"], 3)
-        record["global_batch_size"] = t.batch_size
-        record["per_worker_batch_size"] = len(range(rank, min(t.batch_size, len(train_set)), world))
-        record["workers"] = world
-        is_best = record["val_loss"] < best
-        best = min(best, record["val_loss"])
-        record["best"] = is_best
-        state = {
-            "config": config.to_dict(),
-            **engine.state(),
-            "epoch": epoch,
-            "rng": torch.get_rng_state(),
-            "best_val_loss": best,
-            "first_loss": first_loss,
-            "record": record,
-        }
-        if lead:
-            save_checkpoint(ckpt_dir / LAST, **state)
-            if is_best:
-                save_checkpoint(ckpt_dir / BEST, **state)
-            with open(run_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-            for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll", "images_per_second"):
-                writer.add_scalar(key, record[key], epoch + 1)
-            writer.flush()
-        workers.report(record, state, run_dir, engine)
-        log.info("epoch %d: %s", epoch + 1, record)
-        callbacks.on_epoch_end(record)
-    if writer is not None:
-        writer.close()
+        return sums + self._read(pending, epoch)
+
+    def _read(self, pending: list, epoch: int) -> np.ndarray:
+        sums = np.zeros(5)
+        if not pending:
+            return sums
+        values = torch.stack([v for _, v, _ in pending]).tolist()  # the host synchronisation
+        for (step, _, n), row in zip(pending, values, strict=True):
+            self.first_loss = row[0] if self.first_loss is None else self.first_loss
+            _check_step(row, self.first_loss, epoch, step, self.ckpt_dir, self.config.train.lr)
+            sums += np.array([*row, 1.0]) * n
+            self.callbacks.on_step(epoch, step, row[0])
+        pending.clear()
+        return sums
 
 
 def _last_good(ckpt_dir: Path) -> str:
