@@ -1,18 +1,23 @@
-"""Training throughput: images per second, peak memory, GFLOPs per image, matmul efficiency.
+"""Training throughput: the step's images/s and TFLOP/s, and the real loop's wall clock.
 
-Each precision runs in its own process, so its peak resident memory is its own. A training
-step is the real one (forward, the full loss, backward, gradient clipping, Adam) on random
-images; the FLOPs of one step are counted with torch.utils.flop_counter.
+Step mode (the default): a training step is the real one (forward, the full loss, backward,
+gradient clipping, Adam) on random images, once per precision, batch size and option set, each
+in its own process so that its peak memory is its own; the FLOPs of one step are counted with
+torch.utils.flop_counter and set against this machine's measured matmul rate. Precisions:
+fp32, tf32 (fp32 with TF32 matmuls, CUDA only) and bf16 (autocast).
 
     python benchmarks/train_throughput.py --variant vtadl_paper --n-gaussians 10
-    python benchmarks/train_throughput.py --variant vtadl_small --batch-size 8
+    python benchmarks/train_throughput.py --variant vtadl_small --batch-size 8 16 --fused-adam
 
-With --strategy, the real training loop (`vtadl.training.fit`, data loading and validation
-included) runs on a demo category for a few epochs per strategy and worker count, and the
-median images per second of the epochs after the first is printed:
+Loop mode (--strategy, or --loop after the step rows): the real training loop (`vtadl.runs.fit`:
+data from the pack, validation and checkpoints every epoch as configured) on a demo category of
+--loop-images training images for --epochs epochs, per strategy and worker count. It prints the
+median training-step rate of the epochs after the first (history `images_per_second`) and the
+wall-clock rate of the whole fit call (setup included) and of those epochs
+(history `wall_images_per_second`):
 
     python benchmarks/train_throughput.py --variant vtadl_small --strategy single ddp \
-        --num-workers 1 2
+        --num-workers 1 2 --loop-images 200 --epochs 20
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +35,7 @@ import torch
 
 from vtadl.config import Config, default_config
 from vtadl.model import build_model
-from vtadl.training import Engine, Workers, loss_terms, pick_device
+from vtadl.training import Engine, Workers, loss_terms, pick_device, set_tf32
 
 
 def _sync(device: torch.device) -> None:
@@ -55,27 +61,38 @@ def _step(engine: Engine, images: torch.Tensor, config: Config) -> None:
     engine.step(loss_terms(engine.module, images, config).total)
 
 
-def measure(args: argparse.Namespace, precision: str) -> dict:
-    torch.manual_seed(0)
+def _config(args: argparse.Namespace, precision: str, batch_size: int) -> Config:
     model_over = {"img_size": args.image_size, "n_gaussians": args.n_gaussians}
-    config = default_config(args.variant).override(
+    return default_config(args.variant).override(
         model={k: v for k, v in model_over.items() if v is not None},
-        train={"precision": precision, "batch_size": args.batch_size},
+        train={
+            "precision": "bf16" if precision == "bf16" else "fp32",
+            "tf32": precision == "tf32",
+            "batch_size": batch_size,
+            "compile": args.compile,
+            "fused_adam": args.fused_adam,
+        },
     )
+
+
+def measure(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
+    torch.manual_seed(0)
+    config = _config(args, precision, batch_size)
     device = pick_device(args.device)
+    set_tf32(device, config.train.tf32)
     model = build_model(config.model).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     engine = Workers().engine(model, config)
     size = config.model.img_size
-    images = torch.rand(args.batch_size, 3, size, size, device=device)
+    images = torch.rand(batch_size, 3, size, size, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         _step(engine, images, config)
-    gflop_per_image = counter.get_total_flops() / args.batch_size / 1e9
+    gflop_per_image = counter.get_total_flops() / batch_size / 1e9
     for _ in range(args.warmup):
         _step(engine, images, config)
     _sync(device)
@@ -84,31 +101,40 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
         _step(engine, images, config)
     _sync(device)
     seconds = time.perf_counter() - tic
-    ips = args.steps * args.batch_size / seconds
+    ips = args.steps * batch_size / seconds
     peak = matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     gpu_peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {
-        "device": str(device),
+        "kind": "step",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_gpu_memory_gb": None if gpu_peak is None else round(gpu_peak, 3),
         "variant": args.variant,
         "image_size": size,
         "n_gaussians": config.model.n_gaussians,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "precision": precision,
+        "options": _options(args),
         "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "images_per_second": round(ips, 3),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "peak_rss_gb": round(rss, 3),
         "rss_before_model_step_gb": round(rss_before / 1024, 3),
         "gflop_per_image": round(gflop_per_image, 2),
+        "tflops": round(gflop_per_image * ips / 1e3, 3),
         "matmul_gflops": round(peak, 1),
         "matmul_fraction": round(gflop_per_image * ips / peak, 3),
     }
 
 
-def loop_throughput(args: argparse.Namespace) -> None:
-    import statistics
+def _options(args: argparse.Namespace) -> str:
+    names = ("compile", "fused_adam", "checkpoint_in_loop")
+    chosen = [name for name in names if getattr(args, name, False)]
+    return "+".join(chosen) or "-"
+
+
+def loop_throughput(args: argparse.Namespace) -> list[dict]:
     import tempfile
     from pathlib import Path
 
@@ -117,45 +143,95 @@ def loop_throughput(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vtadl-throughput-"))
     size = args.image_size or default_config(args.variant).model.img_size
-    make_demo_dataset(tmp / "data", categories=["brick"], image_size=size, n_train=72)
+    make_demo_dataset(
+        tmp / "data", categories=["brick"], image_size=size, n_train=args.loop_images,
+        n_test_good=2, n_test_defect=2,
+    )  # fmt: skip
     rows = []
-    for strategy in args.strategy:
+    for strategy in args.strategy or ["single"]:
         for workers in args.num_workers if strategy != "single" else [1]:
-            config = default_config(args.variant).override(
-                model={"img_size": size},
-                data={"root": str(tmp / "data"), "category": "brick"},
-                train={
-                    "epochs": args.epochs,
-                    "batch_size": args.batch_size,
-                    "strategy": strategy,
-                    "num_workers": workers,
-                    "out": str(tmp / "runs"),
-                    # each worker gets its share of the cores; the single process has them all
-                    "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers),
-                },
-            )
-            run = fit(config)
-            lines = (run / "history.jsonl").read_text().splitlines()
-            rates = [json.loads(line)["images_per_second"] for line in lines][1:]
-            rows.append((strategy, workers, statistics.median(rates)))
-            print(
-                json.dumps(
+            for precision in args.loop_precision or args.precision[:1]:
+                gpus = 1 if args.device.startswith("cuda") and strategy != "single" else 0
+                config = _config(args, precision, args.batch_size[0]).override(
+                    data={"root": str(tmp / "data"), "category": "brick"},
+                    train={
+                        "epochs": args.epochs,
+                        "strategy": strategy,
+                        "num_workers": workers,
+                        "device": args.device,
+                        "gpus_per_worker": gpus,
+                        "out": str(tmp / "runs"),
+                        # each worker gets its share of the cores; one process has them all
+                        "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers),
+                        "checkpoint_background": not args.checkpoint_in_loop,
+                        "checkpoint_every_epochs": args.checkpoint_every_epochs,
+                        "checkpoint_every_minutes": args.checkpoint_every_minutes,
+                    },
+                )
+                tic = time.perf_counter()
+                run = fit(config)
+                wall = time.perf_counter() - tic
+                lines = (run / "history.jsonl").read_text().splitlines()
+                history = [json.loads(line) for line in lines]
+                later = history[1:] or history
+                images = sum(r["images"] for r in history)
+                steps = statistics.median(r["images_per_second"] for r in later)
+                rows.append(
                     {
+                        "kind": "loop",
+                        "device": args.device,
                         "strategy": strategy,
                         "workers": workers,
                         "variant": args.variant,
                         "image_size": size,
-                        "batch_size": args.batch_size,
-                        "images_per_second": rows[-1][2],
+                        "precision": precision,
+                        "batch_size": args.batch_size[0],
+                        "options": _options(args),
+                        "train_images": args.loop_images,
+                        "epochs": args.epochs,
+                        "images_per_second": steps,
+                        "epoch_wall_images_per_second": statistics.median(
+                            r["wall_images_per_second"] for r in later
+                        ),
+                        "fit_wall_seconds": round(wall, 1),
+                        "wall_images_per_second": round(images / wall, 3),
+                        "checkpoints": sum(r["checkpoint"] for r in history),
                     }
-                ),
-                flush=True,
-            )
-    base = next((r[2] for r in rows if r[0] == "single"), None)
-    print(f"\n{'strategy':<10} {'workers':>7} {'img/s':>8} {'vs single':>10}")
-    for strategy, workers, ips in rows:
-        rel = f"{ips / base - 1:+.1%}" if base else ""
-        print(f"{strategy:<10} {workers:>7} {ips:>8.2f} {rel:>10}")
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        f"{'kind':<5} {'strategy':<9} {'prec':<5} {'batch':>5} {'options':<18} {'img/s':>8} "
+        f"{'TFLOP/s':>8} {'of matmul':>9} {'peak GB':>8} {'wall img/s':>10} {'wall/step':>9}"
+    )
+    print("\n" + head)
+    for r in rows:
+        memory = r.get("peak_gpu_memory_gb") or r.get("peak_rss_gb")
+        wall = r.get("epoch_wall_images_per_second")
+        cells = [
+            f"{r['kind']:<5}",
+            f"{r.get('strategy', '') + (str(r['workers']) if 'workers' in r else ''):<9}",
+            f"{r['precision']:<5}",
+            f"{r['batch_size']:>5}",
+            f"{r['options']:<18}",
+            f"{r['images_per_second']:>8.2f}",
+            f"{r['tflops']:>8.3f}" if "tflops" in r else f"{'':>8}",
+            f"{r['matmul_fraction']:>9.3f}" if "matmul_fraction" in r else f"{'':>9}",
+            f"{memory:>8.2f}" if memory else f"{'':>8}",
+            f"{wall:>10.2f}" if wall else f"{'':>10}",
+            f"{wall / r['images_per_second']:>9.2f}" if wall else f"{'':>9}",
+        ]
+        print(" ".join(cells))
+    loops = [r for r in rows if r["kind"] == "loop"]
+    for r in loops:
+        print(
+            f"loop {r['strategy']}{r['workers']} {r['precision']}: {r['train_images']} training "
+            f"images x {r['epochs']} epochs, fit() {r['fit_wall_seconds']} s wall "
+            f"({r['wall_images_per_second']} images/s with setup), {r['checkpoints']} checkpoints"
+        )
 
 
 def main() -> None:
@@ -163,40 +239,56 @@ def main() -> None:
     ap.add_argument("--variant", default="vtadl_paper")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--n-gaussians", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", nargs="*", type=int, default=[8])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="*", default=["fp32", "bf16"], help="fp32 tf32 bf16")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--fused-adam", action="store_true", help="Adam's fused implementation")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--strategy", nargs="*", default=None, help="single ddp deepspeed: time fit()")
+    ap.add_argument("--loop", action="store_true", help="after the step rows, time fit() too")
+    ap.add_argument("--loop-precision", nargs="*", default=None, help="default: the first one")
+    ap.add_argument("--loop-images", type=int, default=72, help="training images of the loop")
     ap.add_argument("--num-workers", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--checkpoint-every-epochs", type=int, default=1)
+    ap.add_argument("--checkpoint-every-minutes", type=float, default=10.0)
+    ap.add_argument("--checkpoint-in-loop", action="store_true", help="no background writes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.strategy:
-        loop_throughput(args)
-        return
+    if args.device == "auto":
+        args.device = pick_device("auto").type
     if args.child:
-        print(json.dumps(measure(args, args.precision[0])))
+        print(json.dumps(measure(args, args.precision[0], args.batch_size[0])))
         return
     rows = []
-    for precision in args.precision:
-        cmd = [sys.executable, __file__, "--child", "--precision", precision] + [
-            a for a in sys.argv[1:] if a not in args.precision and a != "--precision"
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    print(
-        f"\n{'precision':<9} {'img/s':>7} {'peak GB':>8} {'GFLOP/img':>10} {'matmul GFLOP/s':>15} "
-        f"{'fraction':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['precision']:<9} {r['images_per_second']:>7} {r['peak_rss_gb']:>8} "
-            f"{r['gflop_per_image']:>10} {r['matmul_gflops']:>15} {r['matmul_fraction']:>9}"
-        )
+    if not args.strategy:
+        for precision in args.precision:
+            for batch_size in args.batch_size:
+                rows.append(_child(args, precision, batch_size))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.strategy or args.loop:
+        rows += loop_throughput(args)
+    print_table(rows)
+
+
+def _child(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
+    """One step measurement in a fresh process (its own peak memory)."""
+    skip = {"--precision", "--batch-size", "--loop", "--loop-precision"}
+    argv, dropping = [], False
+    for a in sys.argv[1:]:
+        if a.startswith("--"):
+            dropping = a in skip
+            if dropping:
+                continue
+        if not dropping:
+            argv.append(a)
+    cmd = [sys.executable, __file__, *argv, "--child", "--precision", precision]
+    cmd += ["--batch-size", str(batch_size), "--device", args.device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

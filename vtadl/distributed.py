@@ -107,6 +107,8 @@ class DeepSpeedEngine(Engine):
 class RayWorkers(Workers):
     """One Ray Train worker: its rank, device, engine, collectives and checkpoints."""
 
+    keeps_checkpoints = True
+
     def __init__(self, config: Config, run_dir: Path) -> None:
         import ray
         import ray.train
@@ -206,7 +208,11 @@ class RayWorkers(Workers):
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = Config.from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    train_loop(config, run_dir, RayWorkers(config, run_dir), NoCallbacks())
+    callbacks = NoCallbacks()
+    # The driver's callbacks see the epochs rank 0 writes to history.jsonl; if they open
+    # best.pt, it must be on disk by then.
+    callbacks.reads_checkpoints = loop_config["reads_checkpoints"]
+    train_loop(config, run_dir, RayWorkers(config, run_dir), callbacks)
 
 
 # How long a Ray address may take to accept a connection before it counts as not answering.
@@ -331,7 +337,11 @@ def fit_distributed(
     )
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={
+            "config": config.to_dict(),
+            "run_dir": str(run_dir),
+            "reads_checkpoints": getattr(callbacks, "reads_checkpoints", True),
+        },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.gpus_per_worker > 0,

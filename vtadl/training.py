@@ -257,6 +257,7 @@ class Workers:
     it for Ray Train workers (DDP or DeepSpeed)."""
 
     rank, world = 0, 1
+    keeps_checkpoints = False  # whether `report` keeps the resumable state itself
 
     def device(self, config: Config) -> torch.device:
         return pick_device(config.train.device)
@@ -346,7 +347,10 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     train_loader = DataLoader(
         train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
     )
-    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=nw, pin_memory=pin)
+    # Persistent loader processes are forked once, before the checkpoint thread starts.
+    val_loader = DataLoader(
+        val_set, batch_size=t.batch_size, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
+    )
     engine = workers.engine(build_model(config.model).to(device), config)
 
     start, best, first_loss = 0, math.inf, None
@@ -423,6 +427,8 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
                 # next epoch while the previous one is still being written.
                 if lead and (epoch + 1 == t.epochs or not files.busy(LAST)):
                     files.submit(ckpt_dir / LAST, resumable)
+                    policy.saved(epoch + 1)
+                elif workers.keeps_checkpoints:
                     policy.saved(epoch + 1)
             workers.report(record, resumable, run_dir, engine)
             if lead and is_best and wait_for_best:
