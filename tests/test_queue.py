@@ -262,6 +262,9 @@ def test_bad_submissions_are_one_line_and_enqueue_nothing(conn, server, data, tm
         (["--root", data, "--category", "brick", "--timeout", "soon"], "duration"),
         (["--root", data, "--category", "brick", "--category", "bottle"], "bottle"),
         (["--root", data], "--all-categories"),
+        (["--root", data, "--category", "brick", "--tune", "--gaussians", "0,4"], "at least 1"),
+        (["--root", data, "--category", "brick", "--tune", "--scheduler", "pbt"], "scheduler"),
+        (["--root", data, "--category", "brick", "--gaussians", "4,8"], "--tune"),
     ]
     for args, word in cases:
         result = cli("submit", *args, "--out", tmp_path)
@@ -318,3 +321,18 @@ def test_a_ddp_job_runs_on_ray_through_the_queue(conn, server, data, tmp_path):
         "1/2",
         "2/2",
     ]
+
+
+@pytest.mark.slow
+def test_a_tune_job_runs_through_the_queue(conn, server, data, tmp_path):
+    (job,) = submit(data, tmp_path / "runs", "--category", "grass", "--epochs", "2", "--tune",
+                    "--gaussians", "2,4", "--noise", "0.1", "--scheduler", "fifo")  # fmt: skip
+    assert job["job_id"].startswith("tune-mvtec-grass-")
+    drain(server.url)
+    (row,) = status(job["job_id"])
+    assert row["state"] == "finished", row
+    assert isinstance(row["metrics"]["pixel_auroc"], float)
+    experiment = tmp_path / "runs" / "tune" / "mvtec" / "grass" / job["job_id"]
+    rows = (experiment / "tune_results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # a header and the two trials
+    assert Path(row["run_dir"]).is_dir()

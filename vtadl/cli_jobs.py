@@ -54,17 +54,27 @@ def _submit(
     redis_url: str | None,
     force: bool,
     as_json: bool,
-    **train_options: Any,
+    tune: bool,
+    **options: Any,
 ) -> None:
-    """Queue one training job per category; workers (vtadl worker) run them."""
+    """Queue one training job per category (with --tune: one search per category); workers
+    (vtadl worker) run them."""
     from vtadl.data import dataset_categories
     from vtadl.data.check import check_dataset
     from vtadl.exceptions import ConfigError, DataError
     from vtadl.queue import make_request, parse_duration, queue_name, submit
 
     # Everything is checked before anything is enqueued.
+    search = {k: options.pop(k) for k in TUNE_OPTIONS}
+    train_options = options
     queue_name(priority)
     seconds = parse_duration(timeout)
+    if tune:
+        from vtadl.tuning import settings_from_options
+
+        settings_from_options(search)
+    elif any(v is not None for k, v in search.items() if k in ("gaussians", "noise")):
+        raise ConfigError("--gaussians and --noise are search values: add --tune")
     if bool(category) == all_categories:
         raise ConfigError("give --category C (repeatable) or --all-categories")
     names = dataset_categories(dataset, root) if all_categories else list(dict.fromkeys(category))
@@ -86,7 +96,7 @@ def _submit(
             data={"root": str(Path(cfg.data.root).resolve())},
             train={"out": str(Path(cfg.train.out).resolve())},
         )
-        requests.append(make_request("train", cfg))
+        requests.append(make_request("tune", cfg, search) if tune else make_request("train", cfg))
     conn = _connect(redis_url)
     done = submit(
         conn,
@@ -135,7 +145,22 @@ _SUBMIT_OWN = [
     ("redis_url", str | None, REDIS_URL),
     ("force", bool, typer.Option(False, "--force", help="Queue a new run even if submitted.")),
     ("as_json", bool, AS_JSON),
+    (
+        "tune",
+        bool,
+        typer.Option(
+            False,
+            "--tune",
+            metavar="",
+            help="Queue a Ray Tune search per category (vtadl tune) instead of one training.",
+        ),
+    ),
 ]
+# The search options of `vtadl tune` that a --tune submission takes (its --lr list is not
+# one of them: submit's --lr is the learning rate of every trial).
+TUNE_OPTIONS = (
+    "gaussians", "noise", "search", "num_samples", "scheduler", "metric", "max_concurrent",
+)  # fmt: skip
 _NOT_FOR_SUBMIT = {"dataset", "root", "category", "config", "resume", "as_json"}
 
 
@@ -147,7 +172,11 @@ def _submit_signature() -> inspect.Signature:
         for name, p in inspect.signature(train).parameters.items()
         if name not in _NOT_FOR_SUBMIT
     ]
-    return inspect.Signature(own + shared)
+    from vtadl import cli_tune
+
+    searched = inspect.signature(cli_tune._tune).parameters  # `vtadl tune`'s own options
+    borrowed = [searched[name].replace(kind=kw) for name in TUNE_OPTIONS]
+    return inspect.Signature(own + borrowed + shared)
 
 
 _submit.__signature__ = _submit_signature()

@@ -195,15 +195,30 @@ def _train(job, config: Config, joblog: JobLog) -> dict[str, Any]:
 
 
 def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[str, Any]:
-    try:
-        from vtadl.tuning import tune
-    except ImportError:
-        raise JobError("this worker's vtadl cannot run tune jobs; update it") from None
-    joblog.line(f"tune {config.data.dataset}/{config.data.category}: {options}")
-    result = tune(_with_worker_ray(config), options)
-    metrics = result.get("metrics") or {}
-    job.meta["run_dir"] = result.get("run_dir")
-    job.meta["metrics"] = {k: metrics.get(k) for k in HEADLINE}
+    """A search named after its job: a rerun (lost worker, retry) resumes that experiment,
+    keeping its finished trials."""
+    from vtadl.tuning import SETTINGS_FILE, tune
+
+    config = _with_worker_ray(config)
+    d = config.data
+    experiment = Path(config.train.out) / "tune" / d.dataset / d.category / job.id
+    resume = (experiment / SETTINGS_FILE).exists()
+    joblog.to_file(experiment.with_name(f"{job.id}.job.log"))
+    joblog.line(
+        f"tune {d.dataset}/{d.category}: {'resuming' if resume else 'new'} experiment "
+        f"{experiment}, attempt {job.meta['attempts']}, on {job.meta['worker_host']}"
+    )
+    summary = tune(config, {**options, "name": job.id, "resume": resume})
+    headline = {k: summary["test_metrics"].get(k) for k in HEADLINE}
+    job.meta.update(run_dir=summary["best_run"], metrics=headline, experiment=str(experiment))
     job.save_meta()
-    joblog.line("finished")
-    return {"kind": "tune", **result}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if isinstance(v, float))
+    joblog.line(f"finished: best trial {summary['best']['trial_id']}: {shown}")
+    return {
+        "kind": "tune",
+        "dataset": d.dataset,
+        "category": d.category,
+        "run_dir": summary["best_run"],
+        "experiment": str(experiment),
+        "metrics": headline,
+    }
