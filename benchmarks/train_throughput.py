@@ -18,6 +18,9 @@ wall-clock rate of the whole fit call (setup included) and of those epochs
 
     python benchmarks/train_throughput.py --variant vtadl_small --strategy single ddp \
         --num-workers 1 2 --loop-images 200 --epochs 20
+
+--checkpoint-cost times one epoch's checkpoints on the training thread, before (last.pt and
+best.pt with optimiser state, written in turn) and now (a host copy for the background writer).
 """
 
 from __future__ import annotations
@@ -126,6 +129,41 @@ def measure(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
         "matmul_gflops": round(peak, 1),
         "matmul_fraction": round(gflop_per_image * ips / peak, 3),
     }
+
+
+def checkpoint_cost(args: argparse.Namespace) -> dict:
+    """What one epoch's checkpoints cost the training thread: the old way (last.pt and best.pt
+    with the optimiser state, written in turn) against a host copy handed to the background
+    writer; and the bytes and write times of a full and a weights-only file."""
+    import tempfile
+    from pathlib import Path
+
+    from vtadl.checkpoints import CheckpointWriter, save_checkpoint
+
+    config = _config(args, args.precision[0], args.batch_size[0])
+    device = pick_device(args.device)
+    engine = Workers().engine(build_model(config.model).to(device), config)
+    size = config.model.img_size
+    _step(engine, torch.rand(args.batch_size[0], 3, size, size, device=device), config)
+    folder = Path(tempfile.mkdtemp(prefix="vtadl-ckpt-"))
+    full, weights = engine.state(), {"model": engine.state()["model"]}
+
+    def timed(fn) -> float:
+        _sync(device)
+        tic = time.perf_counter()
+        fn()
+        return round(time.perf_counter() - tic, 3)
+
+    row = {"kind": "checkpoint", "variant": args.variant, "device": str(device)}
+    row["full_write_s"] = timed(lambda: save_checkpoint(folder / "last.pt", **full))
+    row["weights_write_s"] = timed(lambda: save_checkpoint(folder / "best.pt", **weights))
+    row["full_gb"] = round((folder / "last.pt").stat().st_size / 1e9, 3)
+    row["weights_gb"] = round((folder / "best.pt").stat().st_size / 1e9, 3)
+    row["before_epoch_s"] = round(2 * row["full_write_s"], 3)  # last.pt and best.pt, in turn
+    files = CheckpointWriter(background=True)
+    row["snapshot_s"] = timed(lambda: files.submit(folder / "last.pt", files.snapshot(full)))
+    row["background_write_s"] = timed(files.close)
+    return row
 
 
 def _options(args: argparse.Namespace) -> str:
@@ -256,12 +294,16 @@ def main() -> None:
     ap.add_argument("--checkpoint-every-epochs", type=int, default=1)
     ap.add_argument("--checkpoint-every-minutes", type=float, default=10.0)
     ap.add_argument("--checkpoint-in-loop", action="store_true", help="no background writes")
+    ap.add_argument("--checkpoint-cost", action="store_true", help="time one epoch's saves")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "auto":
         args.device = pick_device("auto").type
     if args.child:
         print(json.dumps(measure(args, args.precision[0], args.batch_size[0])))
+        return
+    if args.checkpoint_cost:
+        print(json.dumps(checkpoint_cost(args)))
         return
     rows = []
     if not args.strategy:

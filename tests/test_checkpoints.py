@@ -97,7 +97,11 @@ class _CrashAfter(Callbacks):
 
 
 def test_resume_loses_at_most_one_interval(make_config) -> None:
-    config = make_config(epochs=6, checkpoint_every_epochs=2, checkpoint_every_minutes=0)
+    # Written at once, so that no due checkpoint waits for a slow write (the bound is then
+    # one interval; with background writes, one interval and one write).
+    config = make_config(
+        epochs=6, checkpoint_every_epochs=2, checkpoint_every_minutes=0, checkpoint_background=False
+    )
     with pytest.raises(KeyboardInterrupt):
         fit(config, callbacks=_CrashAfter(5))
     run = latest_run(config.train.out, "mvtec", "brick")

@@ -187,13 +187,18 @@ def token_noise(
     return torch.randn(batch, *shape, generator=gen)[rank::world]
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the device: pinned and
+    copied asynchronously on CUDA (a plain copy of pageable memory synchronises)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    flip_h, flip_v = (
-        flips[0, : len(images), None, None, None],
-        flips[1, : len(images), None, None, None],
-    )
-    images = torch.where(flip_h.to(images.device), images.flip(3), images)
-    return torch.where(flip_v.to(images.device), images.flip(2), images)
+    flips = to_device(flips[:, : len(images), None, None, None], images.device)
+    images = torch.where(flips[0], images.flip(3), images)
+    return torch.where(flips[1], images.flip(2), images)
 
 
 def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None, noise=None):
@@ -220,12 +225,14 @@ def validation_loss(
     model: VTADL, loader: DataLoader, config: Config, device: torch.device, cast=None
 ):
     model.eval()
-    sums, n = np.zeros(4), 0
+    sums, n = torch.zeros(4, device=device), 0
     for images in loader:
-        images = to_float(images.to(device))
-        sums += np.array([float(v) for v in loss_terms(model, images, config, cast)]) * len(images)
+        images = to_float(images.to(device, non_blocking=True))
+        terms = loss_terms(model, images, config, cast)
+        sums += torch.stack([v.detach().float() for v in terms]) * len(images)
         n += len(images)
-    return dict(zip(("val_loss", "val_mse", "val_ssim", "val_nll"), (sums / n).tolist()))
+    means = (sums / n).tolist()  # the validation's one host synchronisation
+    return dict(zip(("val_loss", "val_mse", "val_ssim", "val_nll"), means))
 
 
 class Engine:
@@ -425,11 +432,13 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
                 }
                 # The last epoch's checkpoint is always written; an earlier one waits for the
                 # next epoch while the previous one is still being written.
-                if lead and (epoch + 1 == t.epochs or not files.busy(LAST)):
+                written = lead and (epoch + 1 == t.epochs or not files.busy(LAST))
+                if written:
                     files.submit(ckpt_dir / LAST, resumable)
+                if written or workers.keeps_checkpoints:
                     policy.saved(epoch + 1)
-                elif workers.keeps_checkpoints:
-                    policy.saved(epoch + 1)
+                else:
+                    record["checkpoint"] = False
             workers.report(record, resumable, run_dir, engine)
             if lead and is_best and wait_for_best:
                 files.wait(BEST)
@@ -480,12 +489,8 @@ class _Steps:
     def epoch(self, engine: Engine, loader: DataLoader, epoch: int) -> np.ndarray:
         """Train one epoch; returns the sums of (loss, mse, ssim, nll) over images, and the
         number of images."""
-        t, device, rank, world = (
-            self.config.train,
-            self.device,
-            self.workers.rank,
-            self.workers.world,
-        )
+        t, device = self.config.train, self.device
+        rank, world = self.workers.rank, self.workers.world
         sums, pending, read_at = np.zeros(5), [], time.perf_counter()
         for step, images in enumerate(loader):
             images = to_float(images.to(device, non_blocking=True))
@@ -496,7 +501,7 @@ class _Steps:
                 noise = token_noise(
                     self.token_shape, t.seed, epoch, step, t.batch_size, rank, world
                 )
-                noise = noise[: len(images)].to(device, non_blocking=True)
+                noise = to_device(noise[: len(images)], device)
             terms = loss_terms(engine.forward_module, images, self.config, engine.cast, noise)
             pending.append((step, torch.stack([v.detach().float() for v in terms]), len(images)))
             if time.perf_counter() - read_at >= self.every:
