@@ -12,6 +12,7 @@ test metrics, with the rank correlation between them.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -24,6 +25,10 @@ from vtadl.evaluation import evaluate_run
 from vtadl.tuning import tune
 
 
+def _params(r: dict) -> str:
+    return f"K={r['n_gaussians']}, noise {r['noise_std']:g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/demo")
@@ -34,6 +39,7 @@ def main() -> None:
     p.add_argument("--noise", default="0,0.2")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--out", default=None, help="Runs folder (default: a temporary one).")
+    p.add_argument("--resume", action="store_true", help="Print the tables of a finished --out.")
     a = p.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="tune-demo-"))
     base = default_config(a.variant).override(
@@ -48,6 +54,7 @@ def main() -> None:
             "scheduler": "fifo",
             "max_concurrent": a.max_concurrent,
             "name": "demo-grid",
+            "resume": a.resume,
         },
     )
     seconds = time.perf_counter() - tic
@@ -55,11 +62,19 @@ def main() -> None:
     rows = []
     for r in summary["trials"]:
         copy = peek / r["trial_id"]
+        if (copy / "metrics.json").exists():
+            rows.append((r, json.loads((copy / "metrics.json").read_text())))
+            continue
         shutil.copytree(r["run_dir"], copy, ignore=shutil.ignore_patterns("ray", "workers"))
         rows.append((r, evaluate_run(copy)))
+    took = (
+        "results read back"
+        if a.resume
+        else f"{seconds:.0f} s for the search and the final evaluation"
+    )
     print(
         f"{a.category}, {a.variant}, {a.epochs} epochs, {len(rows)} trials, "
-        f"{a.max_concurrent} at once: {seconds:.0f} s for the search and the final evaluation"
+        f"{a.max_concurrent} at once: {took}"
     )
     print()
     print(
@@ -76,14 +91,23 @@ def main() -> None:
             f"| {m['au_pro']:.3f} |"
         )
     tuning = [r["au_pro"] for r, _ in rows]
-    for key in ("au_pro", "pixel_auroc", "image_auroc"):
+    print()
+    for key, name in (
+        ("au_pro", "AU-PRO"),
+        ("pixel_auroc", "pixel AUROC"),
+        ("image_auroc", "image AUROC"),
+    ):
         rho = spearmanr(tuning, [m[key] for _, m in rows]).statistic
-        top = max(rows, key=lambda x: x[1][key])[0]["trial_id"]
+        top = max(rows, key=lambda x: x[1][key])[0]
+        which = "the chosen one" if top["trial_id"] == best else _params(top)
         print(
-            f"\nSpearman rank correlation, tuning AU-PRO vs test {key}: {rho:.2f}; "
-            f"the test's best trial is {'the chosen one' if top == best else top}"
+            f"- test {name}: Spearman rank correlation with the tuning AU-PRO {rho:.2f}; "
+            f"best on the test split: {which}"
         )
-    print(f"\nchosen run on the test split: {summary['test_metrics']['au_pro']:.3f} AU-PRO")
+    print(
+        f"\nchosen ({_params(summary['best'])}) on the test split: "
+        f"{summary['test_metrics']['au_pro']:.3f} AU-PRO"
+    )
 
 
 if __name__ == "__main__":

@@ -28,20 +28,14 @@ def tiny(a: argparse.Namespace) -> None:
 
     from vtadl.config import default_config
     from vtadl.data.demo import make_demo_dataset
-    from vtadl.tuning import tune
+    from vtadl.tuning import start_local_ray, tune
 
     tmp = Path(tempfile.mkdtemp(prefix="tune-tiny-"))
     make_demo_dataset(
         tmp / "data", ["brick"], image_size=32, n_train=12, n_test_good=4, n_test_defect=2
     )
     tic = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=True,
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
+    start_local_ray(os.cpu_count(), logging_level="ERROR", log_to_driver=False)
     print(f"Ray start: {time.perf_counter() - tic:.1f} s\n")
     print("| trials at once | scheduler | trials | epochs run | wall time | trials per hour |")
     print("|---|---|---|---|---|---|")

@@ -282,19 +282,53 @@ def check_ray_address(address: str) -> None:
         raise ConfigError(f"Ray address {address} does not answer (is the cluster up?)") from None
 
 
-def _start_ray(address: str) -> bool:
+def start_local_ray(num_cpus: int, num_gpus: int = 0, **init: Any) -> None:
+    """Start a private local Ray instance with its dashboard, whose workers find its state API.
+
+    The dashboard must stay on: Ray Train's placement-group cleaner asks the state API whether
+    a trial's Train controller is still alive, and without that answer the workers of trials
+    that ASHA stopped keep their resources and the next trial hangs (Ray issue #54305). Where
+    several Ray instances run on one machine, a worker would find the state API through
+    /tmp/ray/ray_current_cluster, which may name another instance: every worker is told the
+    address (RAY_API_SERVER_ADDRESS).
+    """
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runtime_env = dict(init.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {
+        **runtime_env.get("env_vars", {}),
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+    }
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_port=port,
+        runtime_env=runtime_env,
+        **init,
+    )
+
+
+def _start_ray(config: Config, settings: TuneSettings) -> bool:
+    """Join `train.ray_address`, or start a local Ray big enough for the concurrent trials."""
     import ray
 
     if ray.is_initialized():
         return False
+    t, address = config.train, config.train.ray_address
     quiet = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.INFO)}
     try:
         if address:
             ray.init(address=address, **quiet)
         else:
-            # The dashboard must stay on: without its state API, Train workers of trials that
-            # ASHA stopped keep their resources and the next trial hangs (Ray issue #54305).
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, **quiet)
+            need = 0 if t.strategy == "single" else 1 + t.num_workers * t.cpus_per_worker
+            cpus = max(os.cpu_count() or 1, math.ceil(settings.max_concurrent * need))
+            gpus = math.ceil(settings.max_concurrent * t.num_workers * t.gpus_per_worker)
+            start_local_ray(cpus, gpus, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot join Ray at {address or 'local'}: {exc}") from None
     return True
@@ -310,8 +344,8 @@ def _trainable(config: Config, settings: TuneSettings, experiment: Path):
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.max_concurrent)
         resources = {"cpu": cpus, "gpu": t.gpus_per_worker}
     else:
-        # The trial only waits for its TorchTrainer's workers and scores between epochs.
-        resources = {"cpu": 0}
+        # The trial launches its TorchTrainer, waits, and scores between epochs.
+        resources = {"cpu": 1}
     setup = {
         "config": config.to_dict(),
         "experiment": str(experiment),
@@ -521,7 +555,7 @@ def tune(base_config: Config, options: dict[str, Any]) -> dict[str, Any]:
             )
         )
 
-    started = _start_ray(base.train.ray_address)
+    started = _start_ray(base, settings)
     try:
         trainable = _trainable(base, settings, experiment)
         with _quiet_tune():
