@@ -155,6 +155,9 @@ def test_cancel_a_queued_job_then_retry_it(conn, server, data, tmp_path):
     again = cli("cancel", job["job_id"])
     assert again.exit_code == 2 and "nothing to cancel" in again.stderr
 
+    (again,) = submit(data, tmp_path / "runs", "--category", "brick", "--epochs", "1")
+    assert again["job_id"] == job["job_id"] and again["state"] == "queued again (was cancelled)"
+    assert cli("cancel", job["job_id"]).exit_code == 0
     assert cli("retry", job["job_id"]).exit_code == 0
     assert status(job["job_id"])[0]["state"] == "queued"
     drain(server.url)

@@ -180,18 +180,20 @@ def _train(job, config: Config, joblog: JobLog) -> dict[str, Any]:
         f"on {job.meta['worker_host']}; run folder {run_dir}"
     )
     run_dir, metrics = train_and_evaluate(config, run_dir=run_dir, callbacks=_Progress(job, joblog))
+    return _finished(job, joblog, "train", config, run_dir, metrics, "finished")
+
+
+def _finished(job, joblog: JobLog, kind: str, config: Config, run_dir, metrics: dict,
+              said: str, **extra: str) -> dict[str, Any]:  # fmt: skip
+    """Publish a job's headline metrics (meta, log) and build its JSON result."""
     headline = {k: metrics.get(k) for k in HEADLINE}
-    job.meta["metrics"] = headline
+    job.meta.update(run_dir=str(run_dir), metrics=headline, **extra)
     job.save_meta()
     shown = ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if isinstance(v, float))
-    joblog.line(f"finished: {shown}")
-    return {
-        "kind": "train",
-        "dataset": d.dataset,
-        "category": d.category,
-        "run_dir": str(run_dir),
-        "metrics": headline,
-    }
+    joblog.line(f"{said}: {shown}")
+    d = config.data
+    return {"kind": kind, "dataset": d.dataset, "category": d.category, "run_dir": str(run_dir),
+            "metrics": headline, **extra}  # fmt: skip
 
 
 def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[str, Any]:
@@ -209,16 +211,6 @@ def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[
         f"{experiment}, attempt {job.meta['attempts']}, on {job.meta['worker_host']}"
     )
     summary = tune(config, {**options, "name": job.id, "resume": resume})
-    headline = {k: summary["test_metrics"].get(k) for k in HEADLINE}
-    job.meta.update(run_dir=summary["best_run"], metrics=headline, experiment=str(experiment))
-    job.save_meta()
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if isinstance(v, float))
-    joblog.line(f"finished: best trial {summary['best']['trial_id']}: {shown}")
-    return {
-        "kind": "tune",
-        "dataset": d.dataset,
-        "category": d.category,
-        "run_dir": summary["best_run"],
-        "experiment": str(experiment),
-        "metrics": headline,
-    }
+    said = f"finished: best trial {summary['best']['trial_id']}"
+    return _finished(job, joblog, "tune", config, summary["best_run"], summary["test_metrics"],
+                     said, experiment=str(experiment))  # fmt: skip

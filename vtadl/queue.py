@@ -130,8 +130,9 @@ def submit(
     retry_backoff: int = 60,
     force: bool = False,
 ) -> list[Submission]:
-    """Enqueue one job per request. A request submitted before is reported, not enqueued,
-    unless `force`: then it gets a new id (`<id>-2`, `-3`, ...) and a new run."""
+    """Enqueue one job per request. A request submitted before is reported, not enqueued
+    again (a failed or cancelled one is retried: it continues its run), unless `force`: then
+    it gets a new id (`<id>-2`, `-3`, ...) and a new run."""
     from rq import Retry
     from rq.exceptions import DuplicateJobError
 
@@ -154,12 +155,14 @@ def submit(
             job_id, exists = f"{job_id}-{n}", False
         if exists:
             state = job_state(fetch(conn, job_id))
+            if state in ("failed", "cancelled"):  # submitting it again means: try again
+                state = f"{retry(conn, job_id)} again (was {state})"
             done.append(Submission(job_id, data["dataset"], data["category"], state, False))
             continue
-        retry = None
+        policy = None
         if retries:
             intervals = [retry_backoff * 2**i for i in range(retries)] if retry_backoff else 0
-            retry = Retry(max=retries, interval=intervals)
+            policy = Retry(max=retries, interval=intervals)
         meta = {
             "kind": request["kind"],
             "dataset": data["dataset"],
@@ -175,7 +178,7 @@ def submit(
                 timeout=timeout,
                 result_ttl=KEEP_SECONDS,
                 failure_ttl=KEEP_SECONDS,
-                retry=retry,
+                retry=policy,
                 meta=meta,
                 description=f"{request['kind']} {data['dataset']}/{data['category']}",
                 unique=True,
