@@ -58,7 +58,7 @@ def main() -> None:
         },
     )
     seconds = time.perf_counter() - tic
-    peek = out / "benchmark-test-peek"
+    peek = out.parent / f"{out.name}-test-peek"  # outside the runs folder: not runs to report
     rows = []
     for r in summary["trials"]:
         copy = peek / r["trial_id"]

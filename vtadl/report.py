@@ -333,7 +333,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f4f4f4;font-weight:
 tfoot td{font-weight:600;border-top:2px solid #bbb}
 .note{color:#666;font-size:12.5px;margin:4px 0}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plots img{width:calc((100% - 24px) / 3)}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:12px}
 .gallery img{width:100%;image-rendering:pixelated;border:1px solid #ddd}
 figure{margin:0}figcaption{font-size:12px;color:#555}
 code{font-size:12.5px}
