@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -199,12 +200,16 @@ def _finished(job, joblog: JobLog, kind: str, config: Config, run_dir, metrics: 
 def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[str, Any]:
     """A search named after its job: a rerun (lost worker, retry) resumes that experiment,
     keeping its finished trials."""
-    from vtadl.tuning import SETTINGS_FILE, tune
+    from ray.tune import Tuner
+
+    from vtadl.tuning import tune
 
     config = _with_worker_ray(config)
     d = config.data
     experiment = Path(config.train.out) / "tune" / d.dataset / d.category / job.id
-    resume = (experiment / SETTINGS_FILE).exists()
+    resume = Tuner.can_restore(str(experiment))
+    if experiment.exists() and not resume:  # lost before Tune saved any state: start again
+        shutil.rmtree(experiment)
     joblog.to_file(experiment.with_name(f"{job.id}.job.log"))
     joblog.line(
         f"tune {d.dataset}/{d.category}: {'resuming' if resume else 'new'} experiment "

@@ -493,10 +493,12 @@ def finish_best(base: Config, settings: TuneSettings, best: dict[str, Any]) -> t
     return train_and_evaluate(config, run_dir=run_dir)
 
 
-def latest_experiment(root: Path) -> Path:
+def latest_experiment(root: Path, name: str = "") -> Path:
+    """The newest resumable experiment under `root`, or the one called `name`."""
     from ray.tune import Tuner
 
-    found = sorted(p.parent for p in root.glob(f"*/{SETTINGS_FILE}") if Tuner.can_restore(p.parent))
+    pattern = f"{name or '*'}/{SETTINGS_FILE}"
+    found = sorted(p.parent for p in root.glob(pattern) if Tuner.can_restore(p.parent))
     if not found:
         raise RunError(f"no Tune experiment to resume under {root}")
     return found[-1]
@@ -521,20 +523,24 @@ def _absolute(config: Config) -> Config:
     )
 
 
-def tune(base_config: Config, options: dict[str, Any]) -> dict[str, Any]:
+def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """Run (or with `options["resume"]` continue) a search; evaluate the best run once.
 
-    `options` is JSON-serialisable: see `settings_from_options`. Returns a summary: the
-    experiment folder, the trials' rows, the best trial, its run folder and test metrics.
+    `base_config` is a Config or its dict, `options` JSON-serialisable (see
+    `settings_from_options`), so a queue job can pass both as JSON. Returns a JSON-serialisable
+    summary: the experiment folder, the trials' rows, the best trial, its run folder and test
+    metrics.
     """
     settings = settings_from_options(options)
+    if isinstance(base_config, dict):
+        base_config = Config.from_dict(base_config)
     base = _absolute(validate(base_config))
     check_ray_address(base.train.ray_address)
     d = base.data
     root = Path(base.train.out) / "tune" / d.dataset / d.category
     resume = bool(options.get("resume"))
     if resume:
-        experiment = latest_experiment(root)
+        experiment = latest_experiment(root, settings.name)
         stored = json.loads((experiment / SETTINGS_FILE).read_text())
         settings, base = TuneSettings(**stored["settings"]), Config.from_dict(stored["config"])
         summary_path = experiment / SUMMARY_FILE
