@@ -14,11 +14,14 @@ from vtadl.console import handle_errors, out
 @handle_errors
 def data_bench(
     out_dir: Path = typer.Argument(..., help="Where to write the benchmark."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
     image_size: int = typer.Option(128, help="Side of the photo benchmark's images."),
 ) -> None:
-    """Write the real-photograph benchmark (OUT/photos, MVTec layout) and the handwritten
-    digits benchmark (OUT/digits, MNIST IDX files)."""
+    """Write the benchmark: real photographs with subtle defects, and handwritten digits.
+
+    OUT/photos is in the MVTec layout (--dataset mvtec), OUT/digits holds MNIST IDX files
+    (--dataset mnist). The same seed writes the same files.
+    """
     from vtadl.data.bench import make_digits_benchmark, make_photo_benchmark
 
     categories = make_photo_benchmark(out_dir / "photos", seed=seed, image_size=image_size)
