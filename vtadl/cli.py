@@ -78,7 +78,7 @@ class _RichCallbacks:
         _log_line(
             f"epoch {record['epoch']}/{self.total_epochs}: loss {record['loss']:.4f}, "
             f"val {record['val_loss']:.4f}{' (best)' if record['best'] else ''}, "
-            f"{record['wall_seconds']:.1f} s ({record['train_seconds']:.1f} s in training steps)"
+            f"training steps {record['train_seconds']:.1f} s, {record['wall_seconds']:.1f} s"
         )
 
     def evaluating(self, done: int, total: int) -> None:
