@@ -97,6 +97,8 @@ class _Relay(logging.Handler):
 class _Progress:
     """Training callbacks that publish progress in the job's meta and log."""
 
+    reads_checkpoints = False  # the loop need not wait for checkpoint writes to call us
+
     def __init__(self, job, joblog: JobLog) -> None:
         self.job, self.joblog = job, joblog
         self.epochs = 0
@@ -114,7 +116,7 @@ class _Progress:
         self.job.save_meta()
         self.joblog.line(
             f"epoch {record['epoch']}/{self.epochs}  loss {record['loss']:.4f}  "
-            f"val {record['val_loss']:.4f}  {record['seconds']:.1f} s"
+            f"val {record['val_loss']:.4f}  {record['wall_seconds']:.1f} s"
         )
 
 
