@@ -197,7 +197,7 @@ def _started(run: Path) -> list[dict]:
 def test_ddp_job_spans_two_nodes_and_survives_losing_one(two_nodes, queue_redis, demo_root,
                                                          tmp_path):  # fmt: skip
     env = {**two_nodes["env"], "VTADL_REDIS_URL": queue_redis.url}
-    epochs = 25
+    epochs = 12
     submitted = CliRunner().invoke(
         app,
         ["submit", "--root", str(demo_root), "--category", "brick", "--variant", "vtadl_tiny",

@@ -312,21 +312,6 @@ def test_service_commands_start_reuse_and_stop_the_private_server(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_a_ddp_job_runs_on_ray_through_the_queue(conn, server, data, tmp_path):
-    (job,) = submit(data, tmp_path / "runs", "--category", "brick", "--epochs", "2",
-                    "--strategy", "ddp", "--num-workers", "2")  # fmt: skip
-    drain(server.url)
-    (row,) = status(job["job_id"])
-    assert row["state"] == "finished", row
-    history = _history(Path(row["run_dir"]))
-    assert [h["workers"] for h in history] == [2, 2]
-    assert [ln.split()[3] for ln in read_log(conn, job["job_id"]) if " epoch " in ln] == [
-        "1/2",
-        "2/2",
-    ]
-
-
-@pytest.mark.slow
 def test_a_tune_job_runs_through_the_queue(conn, server, data, tmp_path):
     (job,) = submit(data, tmp_path / "runs", "--category", "grass", "--epochs", "2", "--tune",
                     "--gaussians", "2,4", "--noise", "0.1", "--scheduler", "fifo")  # fmt: skip
