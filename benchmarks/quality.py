@@ -118,6 +118,15 @@ def _rounded(result: dict) -> dict:
     return {k: None if result.get(k) is None else round(result[k], 4) for k in keys}
 
 
+# Other ways to score the same checkpoint (`--score-variants`): eval overrides by row name.
+SCORE_VARIANTS = {
+    "nll_log": {"score": "nll", "scale": "log"},
+    "nll_log_top1": {"score": "nll", "scale": "log", "image_score": "top1pct"},
+    "nll_log_s2": {"score": "nll", "scale": "log", "grid_shifts": 2},
+    "recon_log": {"score": "recon", "scale": "log"},
+}
+
+
 def _cell(value: float | None, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
 
@@ -140,6 +149,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     ap.add_argument("--out", default=None, help="runs folder (default: a temp dir)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument(
+        "--score-variants",
+        action="store_true",
+        help=f"also evaluate the checkpoint as {', '.join(SCORE_VARIANTS)}",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="vtadl-quality-"))
@@ -158,6 +172,10 @@ def main() -> None:
         # The paper's map first (untimed), so that the run's own evaluation, written last,
         # is what stays in its metrics.json and maps/.
         paper = evaluate_run(run_dir, eval_overrides={"score": "nll", "scale": "linear"})
+        others = {
+            name: _rounded(evaluate_run(run_dir, eval_overrides=overrides))
+            for name, overrides in (SCORE_VARIANTS.items() if args.score_variants else ())
+        }
         tic = time.perf_counter()
         model = evaluate_run(run_dir)
         row = {
@@ -167,6 +185,7 @@ def main() -> None:
             "run_dir": str(run_dir),
             "model": _rounded(model),
             "paper_map": _rounded(paper),
+            **others,
         }
         if not args.no_baseline:
             baselines = image_nn_metrics if args.dataset == "mnist" else baseline_metrics
@@ -179,7 +198,8 @@ def main() -> None:
     head = f"{'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'train s':>8} {'total s':>8}"
     print(f"{'category':<10} {'':>12} {head}")
     for row in rows:
-        for who in ("model", "paper_map", "baseline", "baseline_log", "colour", "image_nn"):
+        names = ("model", "paper_map", *SCORE_VARIANTS, "baseline", "baseline_log", "colour")
+        for who in (*names, "image_nn"):
             if who in row:
                 m = row[who]
                 t = f"{row['train_seconds']:>8} {row['seconds']:>8}" if who == "model" else ""

@@ -103,7 +103,7 @@ def _encoder_grads_from_nll(model: VTADL) -> list[torch.Tensor | None]:
     return [p.grad for p in model.encoder.parameters()]
 
 
-@pytest.mark.parametrize("condition", ["token", "position"])
+@pytest.mark.parametrize("condition", ["token", "position", "global"])
 def test_mdn_detach_stops_nll_gradient_at_tokens(condition: str) -> None:
     torch.manual_seed(0)
     detached = _small("vtadl_tiny", mdn_detach=True, mdn_condition=condition)
@@ -126,7 +126,7 @@ def test_mdn_detach_keeps_reconstruction_gradient() -> None:
     _grads_finite_and_nonzero(model.encoder)
 
 
-@pytest.mark.parametrize("condition", ["token", "position"])
+@pytest.mark.parametrize("condition", ["token", "position", "global"])
 def test_mdn_conditions(condition: str) -> None:
     torch.manual_seed(0)
     model = _small("vtadl_tiny", mdn_condition=condition).eval()
@@ -137,8 +137,13 @@ def test_mdn_conditions(condition: str) -> None:
     assert torch.isfinite(nll).all()
     if condition == "position":
         # One mixture per patch position, shared by the batch.
-        assert out.mixture.mu.shape[0] == 1
+        assert out.mixture.mu.shape[:2] == (1, 4)
         assert model.mdn.context is not None
+    elif condition == "global":
+        # One mixture for every token of every image: the same NLL wherever a token sits.
+        assert out.mixture.mu.shape[:2] == (1, 1)
+        moved = out.tokens.flip(1)
+        torch.testing.assert_close(mixture_nll(moved, out.mixture), nll.flip(1))
     else:
         assert out.mixture.mu.shape[0] == 3
         assert model.mdn.context is None

@@ -19,7 +19,7 @@ import yaml
 from vtadl.exceptions import ConfigError
 
 MDN_LOSSES = ("mixture", "reference")
-MDN_CONDITIONS = ("token", "position")
+MDN_CONDITIONS = ("token", "position", "global")
 SCORES = ("nll", "nll+recon", "recon")
 SCORE_SCALES = ("log", "linear")
 IMAGE_SCORES = ("max", "mean", "top1pct")
@@ -41,7 +41,8 @@ class ModelConfig:
     noise_std: float = 0.2
     n_gaussians: int = 150
     # What the mixture parameters are predicted from: "token" is the published design (the
-    # token itself, clamped at zero); "position" learns one context per patch position.
+    # token itself, clamped at zero); "position" learns one context per patch position;
+    # "global" one context for all positions (one mixture is the density of every token).
     mdn_condition: str = "token"
     # Stop the mixture's gradient at the tokens: the encoder then learns from the
     # reconstruction alone and the mixture head fits the tokens it produces.

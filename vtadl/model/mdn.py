@@ -10,7 +10,8 @@ from torch import nn
 
 class Mixture(NamedTuple):
     """Diagonal Gaussian mixture per token: log weights (B, N, K), means and log variances
-    (B, N, K, D). With position conditioning the batch dimension is 1 and broadcasts."""
+    (B, N, K, D). With position conditioning the batch dimension is 1 and broadcasts; with
+    global conditioning the token dimension is 1 too."""
 
     log_pi: torch.Tensor
     mu: torch.Tensor
@@ -23,7 +24,10 @@ class MixtureDensityHead(nn.Module):
     `condition="token"` is the published design: the parameters are a linear function of the
     token itself, clamped at zero. `condition="position"` predicts them from a learned context
     per patch position, so each position has its own mixture that does not see the token it
-    scores. The log variances are raw; the loss decides how to bound them.
+    scores. `condition="global"` learns one context for all positions: a single mixture is the
+    density of every token, wherever it sits, which suits products that are not aligned
+    (textures, parts at any place in the picture). The log variances are raw; the loss decides
+    how to bound them.
     """
 
     def __init__(
@@ -36,9 +40,8 @@ class MixtureDensityHead(nn.Module):
         self.log_var = nn.Linear(dim, n_gaussians * dim)
         nn.init.zeros_(self.log_var.weight)
         nn.init.zeros_(self.log_var.bias)
-        self.context = (
-            nn.Parameter(torch.randn(1, num_patches, dim)) if condition == "position" else None
-        )
+        positions = {"token": 0, "position": num_patches, "global": 1}[condition]
+        self.context = nn.Parameter(torch.randn(1, positions, dim)) if positions else None
 
     def forward(self, tokens: torch.Tensor) -> Mixture:
         cond = tokens.clamp(min=0) if self.context is None else self.context
