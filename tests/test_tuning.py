@@ -171,6 +171,9 @@ def test_every_trial_reports_and_asha_stops_some(search) -> None:
         assert 1 <= int(r["epochs"]) <= EPOCHS
         history = (Path(r["run_dir"]) / "history.jsonl").read_text().splitlines()
         assert len(history) == int(r["epochs"])
+        # The trial's wall clock covers at least its epochs' training.
+        trained = sum(json.loads(line)["train_seconds"] for line in history)
+        assert float(r["seconds"]) >= trained
     states = [r["state"] for r in rows]
     assert set(states) <= {"completed", "stopped early"}
     assert "stopped early" in states and "completed" in states

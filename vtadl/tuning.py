@@ -456,6 +456,9 @@ def trial_rows(experiment: Path, settings: TuneSettings, epochs: int) -> list[di
                 "state": state,
                 "val_loss": last.get("val_loss"),
                 **{f"tuning_{k}": last.get(f"tuning_{k}") for k in OBJECTIVES},
+                # The trial's wall clock in its actor (Ray's time_total_s): set-up, epochs,
+                # scoring on the tuning split.
+                "seconds": last.get("time_total_s"),
                 "run_dir": str(experiment / "trials" / trial.trial_id),
             }
         )
