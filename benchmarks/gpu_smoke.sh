@@ -5,7 +5,8 @@
 # with torch.compile and with the fused Adam; then the real loop (`vtadl.runs.fit`: data,
 # validation, checkpoints) on a 200-image demo category for 20 epochs: single in bf16 with the
 # default checkpoint policy, again with checkpoints written on the training thread, and DDP on
-# one GPU. Prints one table at the end; record it in benchmarks/RESULTS.md.
+# one GPU; a torch.profiler breakdown of the bf16 step. Prints the profile and one table at
+# the end; record them in benchmarks/RESULTS.md.
 # Not yet run on a GPU: no device was lent to the sessions that wrote it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,9 @@ run "step bf16 + fused Adam" --precision bf16 --batch-size 32 --fused-adam
 run "real loop, checkpoints on the training thread" --strategy single --batch-size 32 \
     $LOOP --checkpoint-in-loop
 run "real loop, DDP on one GPU" --strategy ddp --num-workers 1 --batch-size 32 $LOOP
+echo "== profile of the bf16 step, batch 32" >&2
+$TT --precision bf16 --batch-size 32 --profile 5 | grep -v '^{' >"$OUT/profile.md"
+cat "$OUT/profile.md"
 $PY - "$OUT/rows.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

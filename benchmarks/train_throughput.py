@@ -19,6 +19,13 @@ wall-clock rate of the whole fit call (setup included) and of those epochs
     python benchmarks/train_throughput.py --variant vtadl_small --strategy single ddp \
         --num-workers 1 2 --loop-images 200 --epochs 20
 
+--profile N profiles N steps (after the warm-up) with torch.profiler and prints where the
+step's time goes: per part (the encoder, decoder and mixture head's forward, the loss, the
+backward pass with clipping and Adam) and per kernel class (matmul, attention, convolution,
+elementwise, reductions and norms, copies, optimiser), by self time on the device that ran it:
+
+    python benchmarks/train_throughput.py --variant vtadl_small --precision fp32 --profile 3
+
 --checkpoint-cost times one epoch's checkpoints on the training thread, before (last.pt and
 best.pt with optimiser state, written in turn) and now (a host copy for the background writer).
 """
@@ -65,7 +72,11 @@ def _step(engine: Engine, images: torch.Tensor, config: Config) -> None:
 
 
 def _config(args: argparse.Namespace, precision: str, batch_size: int) -> Config:
-    model_over = {"img_size": args.image_size, "n_gaussians": args.n_gaussians}
+    model_over = {
+        "img_size": args.image_size,
+        "n_gaussians": args.n_gaussians,
+        "mdn_condition": args.mdn_condition,
+    }
     return default_config(args.variant).override(
         model={k: v for k, v in model_over.items() if v is not None},
         train={
@@ -129,6 +140,194 @@ def measure(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
         "matmul_gflops": round(peak, 1),
         "matmul_fraction": round(gflop_per_image * ips / peak, 3),
     }
+
+
+# Kernel classes of the profile, by aten op name (checked in order; the rest is "other").
+KERNEL_CLASSES = (
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    (
+        "matmul",
+        (
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::matmul",
+            "aten::linear",
+            "aten::baddbmm",
+            "aten::_addmm_activation",
+        ),
+    ),
+    ("convolution", ("conv", "aten::_convolution")),
+    ("optimiser", ("_foreach", "adam", "Optimizer")),
+    (
+        "reduction and norm",
+        ("sum", "mean", "logsumexp", "softmax", "norm", "amax", "max", "var", "std"),
+    ),
+    (
+        "copy and layout",
+        (
+            "copy",
+            "aten::to",
+            "aten::_to",
+            "contiguous",
+            "aten::cat",
+            "aten::stack",
+            "clone",
+            "aten::empty",
+            "aten::zeros",
+            "fill_",
+            "aten::pad",
+            "constant_pad",
+            "reflection_pad",
+        ),
+    ),
+    (
+        "elementwise",
+        (
+            "add",
+            "mul",
+            "sub",
+            "div",
+            "exp",
+            "log",
+            "square",
+            "pow",
+            "clamp",
+            "gelu",
+            "sigmoid",
+            "where",
+            "masked_fill",
+            "neg",
+            "rsub",
+            "abs",
+            "sqrt",
+            "rsqrt",
+            "threshold",
+            "lt",
+            "gt",
+            "ge",
+            "le",
+            "eq",
+            "silu",
+            "tanh",
+            "softplus",
+            "lerp",
+            "addcmul",
+            "addcdiv",
+            "maximum",
+            "minimum",
+        ),
+    ),
+)
+PARTS = ("encoder", "decoder", "mdn")
+
+
+def _kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(k.lower() in lowered for k in keys):
+            return label
+    return "other"
+
+
+def profile_step(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
+    """Where one training step's time goes (torch.profiler), per part and per kernel class."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    config = _config(args, precision, batch_size)
+    device = pick_device(args.device)
+    set_tf32(device, config.train.tf32)
+    model = build_model(config.model).to(device)
+    engine = Workers().engine(model, config)
+    size = config.model.img_size
+    images = torch.rand(batch_size, 3, size, size, device=device)
+    # The model calls its encoder's forward_features, not the module itself, so each part's
+    # entry point is wrapped in a labelled range (on this instance only).
+    for part in PARTS:
+        module = getattr(model, part)
+        name = "forward_features" if part == "encoder" else "forward"
+
+        def labelled(*a, _run=getattr(module, name), _part=part, **k):
+            with record_function(_part):
+                return _run(*a, **k)
+
+        setattr(module, name, labelled)
+
+    def step() -> None:
+        with record_function("forward and loss"):
+            terms = loss_terms(engine.module, images, config)
+        with record_function("backward, clip, optimiser"):
+            engine.step(terms.total)
+
+    for _ in range(max(1, args.warmup)):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+
+    def total(e) -> float:  # inclusive time of a labelled range, in ms per step
+        us = e.device_time_total if on_device else e.cpu_time_total
+        return us / 1e3 / args.profile
+
+    def self_time(e) -> float:
+        us = e.self_device_time_total if on_device else e.self_cpu_time_total
+        return us / 1e3 / args.profile
+
+    labels = {
+        e.key: total(e)
+        for e in events
+        if e.key in (*PARTS, "forward and loss", "backward, clip, optimiser")
+    }
+    step_ms = labels.get("forward and loss", 0) + labels.get("backward, clip, optimiser", 0)
+    parts = {f"forward: {p}": labels.get(p, 0.0) for p in PARTS}
+    parts["forward: loss (mixture NLL, MSE, SSIM)"] = labels.get("forward and loss", 0) - sum(
+        parts.values()
+    )
+    parts["backward, clip, optimiser"] = labels.get("backward, clip, optimiser", 0.0)
+    classes: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith("aten::") or "Optimizer" in e.key or "_foreach" in e.key:
+            classes[_kernel_class(e.key)] = classes.get(_kernel_class(e.key), 0.0) + self_time(e)
+    top = sorted((e for e in events if e.key.startswith("aten::")), key=self_time, reverse=True)[
+        :12
+    ]
+    return {
+        "kind": "profile",
+        "device": torch.cuda.get_device_name(device) if on_device else "cpu",
+        "variant": args.variant,
+        "precision": precision,
+        "batch_size": batch_size,
+        "n_gaussians": config.model.n_gaussians,
+        "mdn_condition": config.model.mdn_condition,
+        "time": "device" if on_device else "cpu",
+        "step_ms": round(step_ms, 2),
+        "parts_ms": {k: round(v, 2) for k, v in parts.items()},
+        "classes_ms": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+        "top_ops_ms": {e.key: round(self_time(e), 2) for e in top},
+    }
+
+
+def print_profile(row: dict) -> None:
+    print(
+        f"\nprofile: {row['variant']} K={row['n_gaussians']} ({row['mdn_condition']}), "
+        f"{row['precision']}, batch {row['batch_size']}, {row['device']}: "
+        f"{row['step_ms']:.1f} ms per step ({row['time']} time)"
+    )
+    for title, key in (
+        ("part", "parts_ms"),
+        ("kernel class (self time)", "classes_ms"),
+        ("op (self time)", "top_ops_ms"),
+    ):
+        print(f"\n| {title} | ms per step | share |\n|---|---|---|")
+        for name, ms in row[key].items():
+            print(f"| {name} | {ms:.1f} | {100 * ms / max(row['step_ms'], 1e-9):.0f}% |")
 
 
 def checkpoint_cost(args: argparse.Namespace) -> dict:
@@ -282,6 +481,7 @@ def main() -> None:
     ap.add_argument("--variant", default="vtadl_paper")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--n-gaussians", type=int, default=None)
+    ap.add_argument("--mdn-condition", default=None, help="token, position or global")
     ap.add_argument("--batch-size", nargs="*", type=int, default=[8])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
@@ -300,6 +500,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every-minutes", type=float, default=10.0)
     ap.add_argument("--checkpoint-in-loop", action="store_true", help="no background writes")
     ap.add_argument("--checkpoint-cost", action="store_true", help="time one epoch's saves")
+    ap.add_argument("--profile", type=int, default=0, help="profile N steps (torch.profiler)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "auto":
@@ -309,6 +510,13 @@ def main() -> None:
         return
     if args.checkpoint_cost:
         print(json.dumps(checkpoint_cost(args)))
+        return
+    if args.profile:
+        for precision in args.precision:
+            for batch_size in args.batch_size:
+                row = profile_step(args, precision, batch_size)
+                print(json.dumps(row), flush=True)
+                print_profile(row)
         return
     rows = []
     if not args.strategy:
