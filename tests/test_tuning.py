@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from vtadl.config import default_config
 from vtadl.data.synthetic import KINDS, make_tuning_split
-from vtadl.tuning import start_local_ray
+from vtadl.tuning import TuneSettings, scoring_epochs, start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -277,3 +277,13 @@ def test_bad_input_is_one_line_and_exit_2(demo_root, tmp_path, option, message) 
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (out / "tune").exists()
+
+
+def test_trials_score_the_tuning_split_only_where_the_scheduler_decides() -> None:
+    # ASHA decides at its rungs (grace period, then x reduction factor) and at the end;
+    # FIFO only at the end (the first epoch is scored so that every report has a number).
+    asha = TuneSettings(scheduler="asha", grace_period=1, reduction_factor=2)
+    assert scoring_epochs(10, asha) == [1, 2, 4, 8, 10]
+    assert scoring_epochs(100, TuneSettings(scheduler="asha")) == [1, 12, 24, 48, 96, 100]
+    assert scoring_epochs(10, TuneSettings(scheduler="fifo")) == [1, 10]
+    assert scoring_epochs(1, TuneSettings(scheduler="fifo")) == [1]

@@ -214,13 +214,16 @@ def _stored_config(run_dir: str | Path) -> dict:
     return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
 
 
-def scoring_epochs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """Epochs at which a trial scores its best checkpoint on the tuning split: the first, the
-    scheduler's decision points (ASHA's rungs: grace * factor^k) and the last."""
-    marks, rung = {1, epochs}, grace_period
-    while rung < epochs:
-        marks.add(rung)
-        rung *= reduction_factor
+def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
+    """Epochs at which a trial scores its best checkpoint on the tuning split: the first and
+    the last, and under ASHA its decision points too (the rungs: grace * factor^k). FIFO
+    decides on the last report only, so scoring in between would only cost time."""
+    marks = {1, epochs}
+    if settings.scheduler == "asha":
+        rung = grace_period(settings, epochs)
+        while rung < epochs:
+            marks.add(rung)
+            rung *= settings.reduction_factor
     return sorted(marks)
 
 
@@ -350,9 +353,7 @@ def _trainable(config: Config, settings: TuneSettings, experiment: Path):
         "config": config.to_dict(),
         "experiment": str(experiment),
         "metric": settings.metric,
-        "score_at": scoring_epochs(
-            t.epochs, grace_period(settings, t.epochs), settings.reduction_factor
-        ),
+        "score_at": scoring_epochs(t.epochs, settings),
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
 
