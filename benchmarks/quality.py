@@ -120,10 +120,11 @@ def _rounded(result: dict) -> dict:
 
 # Other ways to score the same checkpoint (`--score-variants`): eval overrides by row name.
 SCORE_VARIANTS = {
-    "nll_log": {"score": "nll", "scale": "log"},
-    "nll_log_top1": {"score": "nll", "scale": "log", "image_score": "top1pct"},
-    "nll_log_s2": {"score": "nll", "scale": "log", "grid_shifts": 2},
-    "recon_log": {"score": "recon", "scale": "log"},
+    "log_s2": {"score": "nll", "scale": "log", "grid_shifts": 2},
+    "linear_s2": {"score": "nll", "scale": "linear", "grid_shifts": 2},
+    "log_top1": {"score": "nll", "scale": "log", "image_score": "top1pct"},
+    "log_sigma2": {"score": "nll", "scale": "log", "smoothing_sigma": 2.0},
+    "nll+recon": {"score": "nll+recon", "scale": "log"},
 }
 
 

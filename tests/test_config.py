@@ -25,7 +25,13 @@ def _custom() -> Config:
     return default_config("vtadl_tiny").override(
         model={"img_size": 48, "patch_size": 12, "noise_std": 0.0, "mdn_condition": "position"},
         data={"root": "/data/mvtec", "category": "bottle", "val_fraction": 0.25},
-        train={"epochs": 7, "lr": 3e-4, "mdn_loss": "reference", "w_nll": 0.5},
+        train={
+            "epochs": 7,
+            "lr": 3e-4,
+            "mdn_loss": "reference",
+            "w_nll": 0.5,
+            "mixture_fit": "sgd",
+        },
         eval={"score": "nll+recon", "image_score": "top1pct", "smoothing_sigma": 0.0},
     )
 

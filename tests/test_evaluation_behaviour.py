@@ -126,9 +126,12 @@ def tiled_run(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit(plate_config(plate, tmp_path_factory.mktemp("runs"), tile=32))
 
 
-def _inside(yx: list[int], corner: tuple[int, int]) -> bool:
+def _inside(yx: list[int], corner: tuple[int, int], slack: int = 0) -> bool:
     rows, cols = _square(corner)
-    return rows.start <= yx[0] < rows.stop and cols.start <= yx[1] < cols.stop
+    return (
+        rows.start - slack <= yx[0] < rows.stop + slack
+        and cols.start - slack <= yx[1] < cols.stop + slack
+    )
 
 
 # ---------------------------------------------------------------- maps against known defects
@@ -164,7 +167,11 @@ def test_predicted_map_peaks_on_the_defect(
     assert len(rows) == N_GOOD_TEST + len(DEFECTS) and not result["failed"]
     for defect, stem, corner, _ in DEFECTS:
         row = rows[str(plate / CATEGORY / "test" / defect / f"{stem}.png")]
-        assert _inside(row["max_at"], corner), (defect, stem, row["max_at"])
+        # The mixture's map has the token grid's resolution (8 px tokens of the 32 px input,
+        # 16 px here); at the image border its plateau reaches the edge, so the peak is
+        # within half a token of the square.
+        assert _inside(row["max_at"], corner, slack=8), (defect, stem, row["max_at"])
+        assert not _inside(row["max_at"], (1 - corner[0], 1 - corner[1]), slack=8)
         assert row["anomalous"]
 
 

@@ -33,7 +33,7 @@ def _grads_finite_and_nonzero(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forward_shapes_and_backward(variant: str) -> None:
     torch.manual_seed(0)
-    model = _small(variant).train()
+    model = _small(variant, mdn_condition="token").train()  # a mixture per token
     cfg = VARIANTS[variant]
     x = _images(model)
     b, h = x.shape[0], x.shape[-1]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vtadl.config import Config
+from vtadl.config import Config, upgrade_stored
 from vtadl.exceptions import RunError
 from vtadl.model import VTADL, build_model
 
@@ -49,7 +49,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[Config, VTADL, dict[str, An
     """Rebuild the model a checkpoint (last.pt or best.pt) was trained with, from the config
     inside it."""
     state = load_checkpoint(path)
-    config = Config.from_dict(state["config"])
+    config = Config.from_dict(upgrade_stored(state["config"]))
     model = build_model(config.model)
     model.load_state_dict(state["model"])
     return config, model.eval(), state

@@ -19,6 +19,7 @@ import yaml
 from vtadl.exceptions import ConfigError
 
 MDN_LOSSES = ("mixture", "reference")
+MIXTURE_FITS = ("em", "sgd")
 MDN_CONDITIONS = ("token", "position", "global")
 SCORES = ("nll", "nll+recon", "recon")
 SCORE_SCALES = ("log", "linear")
@@ -43,10 +44,10 @@ class ModelConfig:
     # What the mixture parameters are predicted from: "token" is the published design (the
     # token itself, clamped at zero); "position" learns one context per patch position;
     # "global" one context for all positions (one mixture is the density of every token).
-    mdn_condition: str = "token"
+    mdn_condition: str = "global"
     # Stop the mixture's gradient at the tokens: the encoder then learns from the
     # reconstruction alone and the mixture head fits the tokens it produces.
-    mdn_detach: bool = False
+    mdn_detach: bool = True
     decoder_channels: int = 256
 
 
@@ -81,6 +82,11 @@ class TrainConfig:
     w_ssim: float = 0.5
     w_nll: float = 1.0
     mdn_loss: str = "mixture"
+    # How the mixture over the tokens is fitted. "em": after training, by expectation-
+    # maximisation on the clean training tokens (vtadl.mixture_fit; a global mixture only);
+    # with mdn_detach the head is then not trained with the network at all. "sgd": by the
+    # training loss, with the network (the published way).
+    mixture_fit: str = "em"
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -113,7 +119,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    score: str = "nll+recon"
+    score: str = "nll"
     # "log": each raw score becomes log(1 + excess over normal / normal spread) before it is
     # standardised, so one extreme patch does not swamp its neighbours when the map is
     # smoothed; "linear": the raw score, only standardised.
@@ -164,7 +170,7 @@ VARIANTS: dict[str, ModelConfig] = {
         depth=4,
         num_heads=4,
         mlp_ratio=2.0,
-        n_gaussians=30,
+        n_gaussians=400,
         decoder_channels=128,
     ),
     # For tests: a few thousand parameters per block.
@@ -229,6 +235,21 @@ def load_config(path: str | Path) -> Config:
     return layered_config(raw.get("variant", "vtadl_paper"), raw)
 
 
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as an earlier version stored it (a run's config.yaml, a checkpoint), with the
+    fields added since set to what that version did, so old runs load and resume unchanged."""
+    train = raw.get("train")
+    if isinstance(train, dict) and "mixture_fit" not in train:
+        raw = {**raw, "train": {**train, "mixture_fit": "sgd"}}
+    return raw
+
+
+def load_stored_config(path: str | Path) -> Config:
+    """A run's own config.yaml (`upgrade_stored` applied)."""
+    raw = upgrade_stored(read_config_file(path))
+    return layered_config(raw.get("variant", "vtadl_paper"), raw)
+
+
 def absolute_paths(config: Config) -> Config:
     """The config with every file and folder path made absolute (against the working
     directory), so that a run folder works from anywhere."""
@@ -290,6 +311,20 @@ def validate(c: Config) -> Config:
         (t.gpus_per_worker >= 0, f"gpus_per_worker must not be negative, got {t.gpus_per_worker}"),
         (t.cpus_per_worker > 0, f"cpus_per_worker must be positive, got {t.cpus_per_worker}"),
         (t.mdn_loss in MDN_LOSSES, f"mdn_loss must be one of {MDN_LOSSES}, got {t.mdn_loss!r}"),
+        (
+            t.mixture_fit in MIXTURE_FITS,
+            f"mixture_fit must be one of {MIXTURE_FITS}, got {t.mixture_fit!r}",
+        ),
+        (
+            t.mixture_fit != "em" or c.model.mdn_condition == "global",
+            "mixture_fit em needs mdn_condition global (one mixture for every token), got "
+            f"{c.model.mdn_condition!r}; use mixture_fit sgd for the others",
+        ),
+        (
+            t.mixture_fit != "em" or t.mdn_loss == "mixture",
+            f"mixture_fit em fits the true mixture likelihood; mdn_loss {t.mdn_loss!r} needs "
+            "mixture_fit sgd",
+        ),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
         (t.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {t.strategy!r}"),
         (

@@ -33,6 +33,7 @@ from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import stitch_tiles
 from vtadl.exceptions import DataError, RunError
 from vtadl.losses import MDN_LOSS_FUNCTIONS
+from vtadl.mixture_fit import apply_mixture, fitted_mixture
 from vtadl.model import VTADL, Mixture
 from vtadl.training import BEST, autocast, model_from_checkpoint, pick_device
 from vtadl.visualize import save_heatmap
@@ -212,6 +213,17 @@ class Scorer:
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
+        if self.config.train.mixture_fit == "em":
+            params = fitted_mixture(
+                self.model,
+                self.run_dir,
+                checkpoint,
+                self.state["epoch"],
+                self.source,
+                self.device,
+                self.config.train.seed,
+            )
+            apply_mixture(self.model, params)
         # The calibration of the run's own score is kept; other scores are calibrated afresh,
         # and so is a calibration written by an older version or for another scale.
         cal_path = self.run_dir / "calibration.json"

@@ -35,9 +35,20 @@ def _drop_negligible(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(x | mu_k, diag(exp(log_var_k))) for every token and component: (B, N, K)."""
-    sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)
-    out = -0.5 * (sq + log_var + _LOG_2PI).sum(-1)
+    """log N(x | mu_k, diag(exp(log_var_k))) for every token and component: (B, N, K).
+
+    A global mixture (one for every token) takes the matrix-product form of the squared
+    distance, sum x^2/v - 2 x.mu/v + sum mu^2/v, instead of a (B, N, K, D) intermediate:
+    hundreds of Gaussians over 256 tokens would otherwise need gigabytes.
+    """
+    if mix.mu.shape[:2] == (1, 1):
+        inv = torch.exp(-log_var[0, 0])  # (K, D)
+        mu = mix.mu[0, 0]
+        sq = x.square() @ inv.T - 2 * x @ (mu * inv).T + (mu.square() * inv).sum(-1)
+        out = -0.5 * (sq + log_var[0, 0].sum(-1) + x.shape[-1] * _LOG_2PI)
+    else:
+        sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)
+        out = -0.5 * (sq + log_var + _LOG_2PI).sum(-1)
     if out.requires_grad:
         out.register_hook(_drop_negligible)
     return out
@@ -130,7 +141,10 @@ def vtadl_loss(
         ).mean()
     else:
         sim = ssim(images, rec).mean()
-    mix = Mixture(*(t.float() for t in mixture))
-    nll = MDN_LOSS_FUNCTIONS[mdn_loss](tokens.float(), mix).mean() / tokens.shape[-1]
+    if w_nll > 0:
+        mix = Mixture(*(t.float() for t in mixture))
+        nll = MDN_LOSS_FUNCTIONS[mdn_loss](tokens.float(), mix).mean() / tokens.shape[-1]
+    else:  # the mixture is not trained here (train.mixture_fit: em fits it after training)
+        nll = torch.zeros((), device=rec.device)
     total = w_mse * mse + w_ssim * (1 - sim) + w_nll * nll
     return LossTerms(total, mse.detach(), sim.detach(), nll.detach())

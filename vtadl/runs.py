@@ -20,7 +20,7 @@ from vtadl.config import (
     TrainConfig,
     absolute_paths,
     layered_config,
-    load_config,
+    load_stored_config,
     read_config_file,
 )
 from vtadl.exceptions import ConfigError
@@ -150,7 +150,7 @@ def _resume_config(
         raise ConfigError("--resume needs --category (and --dataset) to find the run")
     out = os.path.abspath(os.path.expanduser(train.get("out", TrainConfig.out)))
     run_dir = latest_run(out, data.get("dataset", DataConfig.dataset), data["category"])
-    stored = load_config(run_dir / "config.yaml")
+    stored = load_stored_config(run_dir / "config.yaml")
     wanted = absolute_paths(stored.override(**options))
     changed = (
         [f"variant ({stored.variant} -> {variant})"]

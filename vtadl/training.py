@@ -215,9 +215,16 @@ def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cas
         out.mixture,
         w_mse=t.w_mse,
         w_ssim=t.w_ssim,
-        w_nll=t.w_nll,
+        w_nll=0.0 if trains_without_mixture(config) else t.w_nll,
         mdn_loss=t.mdn_loss,
     )
+
+
+def trains_without_mixture(config: Config) -> bool:
+    """Whether training leaves the mixture out: it is fitted by EM afterwards and its
+    gradient would not reach the encoder anyway (mdn_detach). The loss, validation loss
+    included, is then the reconstruction's alone."""
+    return config.train.mixture_fit == "em" and config.model.mdn_detach
 
 
 @torch.no_grad()

@@ -211,7 +211,9 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
 def _stored_config(run_dir: str | Path) -> dict:
     import yaml
 
-    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    from vtadl.config import upgrade_stored
+
+    return upgrade_stored(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
 
 
 def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:

@@ -1,0 +1,129 @@
+"""The mixture fitted by EM after training (`train.mixture_fit: em`, the default)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture
+
+from vtadl.config import Config, default_config, upgrade_stored
+from vtadl.evaluation import Scorer, evaluate_run
+from vtadl.exceptions import ConfigError
+from vtadl.losses import mixture_nll
+from vtadl.mixture_fit import apply_mixture, fit_mixture
+from vtadl.model import Mixture, create_model
+from vtadl.training import (
+    fit,
+    load_checkpoint,
+    loss_terms,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_the_global_mixture_takes_the_product_form_and_matches_the_elementwise_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    mu = torch.randn(1, 1, 3, 7, generator=gen, dtype=torch.float64)
+    log_var = torch.randn(1, 1, 3, 7, generator=gen, dtype=torch.float64)
+    log_pi = torch.log_softmax(torch.randn(1, 1, 3, generator=gen, dtype=torch.float64), -1)
+    shared = mixture_nll(x, Mixture(log_pi, mu, log_var))
+    each = mixture_nll(
+        x, Mixture(log_pi.expand(2, 5, 3), mu.expand(2, 5, 3, 7), log_var.expand(2, 5, 3, 7))
+    )
+    torch.testing.assert_close(shared, each)
+
+
+def test_the_head_carries_the_em_fit_exactly() -> None:
+    # Tokens from two well separated Gaussians: EM finds them, and the head, given the fit,
+    # scores every token with the fitted mixture's own log likelihood.
+    rng = np.random.default_rng(0)
+    d = 32  # vtadl_tiny's token width
+    tokens = np.concatenate([rng.normal(-2, 0.5, (300, d)), rng.normal(3, 1.0, (100, d))]).astype(
+        np.float32
+    )
+    params = fit_mixture(tokens, 2, seed=0)
+    assert sorted(np.exp(params["log_pi"]).round(2)) == [0.25, 0.75]
+    model = create_model("vtadl_tiny", n_gaussians=2, mdn_condition="global").eval()
+    apply_mixture(model, params)
+    x = torch.from_numpy(tokens)[None]
+    with torch.no_grad():
+        nll = mixture_nll(x, model.mdn(x))[0].numpy()
+    reference = GaussianMixture(2, covariance_type="diag", reg_covar=1e-4, random_state=0)
+    expected = -reference.fit(tokens).score_samples(tokens)
+    np.testing.assert_allclose(nll, expected, rtol=1e-4, atol=1e-3)
+    # An image's own tokens do not change the head's mixture.
+    other = model.mdn(torch.randn(1, 4, d))
+    torch.testing.assert_close(other.mu[0, 0], torch.from_numpy(params["mu"]))
+
+
+@pytest.fixture(scope="module")
+def em_run(demo_root: Path, tmp_path_factory) -> Path:
+    config = default_config("vtadl_tiny").override(
+        data={"root": str(demo_root), "category": "brick"},
+        train={"epochs": 2, "batch_size": 4, "out": str(tmp_path_factory.mktemp("em"))},
+    )
+    assert config.train.mixture_fit == "em" and config.model.mdn_detach  # the defaults
+    assert config.model.mdn_condition == "global"
+    return fit(config)
+
+
+def test_training_leaves_the_mixture_to_em(em_run: Path) -> None:
+    history = [json.loads(line) for line in (em_run / "history.jsonl").read_text().splitlines()]
+    assert all(h["nll"] == 0 for h in history)  # not in the loss
+    config, model, _ = model_from_checkpoint(em_run / "checkpoints" / "best.pt")
+    model.train()
+    loss_terms(model, torch.rand(2, 3, 32, 32), config).total.backward()
+    assert all(p.grad is None for p in model.mdn.parameters())  # the head is not trained
+    assert any(p.grad is not None and p.grad.any() for p in model.encoder.parameters())
+    sgd = config.override(train={"mixture_fit": "sgd"})
+    model.zero_grad(set_to_none=True)
+    loss_terms(model, torch.rand(2, 3, 32, 32), sgd).total.backward()
+    assert model.mdn.mu.bias.grad is not None and model.mdn.mu.bias.grad.any()
+
+
+def test_evaluation_fits_once_per_checkpoint_and_scores_with_the_fit(em_run: Path) -> None:
+    result = evaluate_run(em_run)
+    cache = em_run / "mixture_best.npz"
+    assert cache.is_file()
+    assert 0 <= result["pixel_auroc"] <= 1 and result["score"] == "nll"
+    stamp = cache.stat().st_mtime_ns
+    scorer = Scorer(em_run)
+    assert cache.stat().st_mtime_ns == stamp  # reused, not fitted again
+    with np.load(cache) as fitted:
+        torch.testing.assert_close(
+            scorer.model.mdn.mu.bias.view(-1, 32)[: len(fitted["mu"])].cpu(),
+            torch.from_numpy(fitted["mu"]),
+        )
+        assert int(fitted["epoch"]) == scorer.state["epoch"]
+    assert not scorer.model.mdn.mu.weight.any()
+    # Another checkpoint epoch (a resumed run) is fitted afresh.
+    best = em_run / "checkpoints" / "best.pt"
+    state = load_checkpoint(best)
+    save_checkpoint(best, **{**state, "epoch": state["epoch"] + 5})
+    Scorer(em_run)
+    with np.load(cache) as fitted:
+        assert int(fitted["epoch"]) == state["epoch"] + 5
+    save_checkpoint(best, **state)
+
+
+def test_em_needs_a_global_mixture_and_its_likelihood() -> None:
+    config = default_config("vtadl_tiny")
+    with pytest.raises(ConfigError, match="mixture_fit em needs mdn_condition global"):
+        config.override(model={"mdn_condition": "token"})
+    with pytest.raises(ConfigError, match="needs mixture_fit sgd"):
+        config.override(train={"mdn_loss": "reference"})
+    sgd = config.override(model={"mdn_condition": "token"}, train={"mixture_fit": "sgd"})
+    assert sgd.train.mixture_fit == "sgd"
+
+
+def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
+    raw = default_config("vtadl_tiny").to_dict()
+    raw["model"].update(mdn_condition="token", mdn_detach=False)
+    del raw["train"]["mixture_fit"]
+    config = Config.from_dict(upgrade_stored(raw))
+    assert config.train.mixture_fit == "sgd" and config.model.mdn_condition == "token"
