@@ -59,6 +59,8 @@ def test_the_head_carries_the_em_fit_exactly() -> None:
     # An image's own tokens do not change the head's mixture.
     other = model.mdn(torch.randn(1, 4, d))
     torch.testing.assert_close(other.mu[0, 0], torch.from_numpy(params["mu"]))
+    # The global head is the mixture's numbers, not maps from a context to them.
+    assert sum(p.numel() for p in model.mdn.parameters()) == 2 * (2 * d + 1)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_training_leaves_the_mixture_to_em(em_run: Path) -> None:
     sgd = config.override(train={"mixture_fit": "sgd"})
     model.zero_grad(set_to_none=True)
     loss_terms(model, torch.rand(2, 3, 32, 32), sgd).total.backward()
-    assert model.mdn.mu.bias.grad is not None and model.mdn.mu.bias.grad.any()
+    assert model.mdn.means.grad is not None and model.mdn.means.grad.any()
 
 
 def test_evaluation_fits_once_per_checkpoint_and_scores_with_the_fit(em_run: Path) -> None:
@@ -96,11 +98,10 @@ def test_evaluation_fits_once_per_checkpoint_and_scores_with_the_fit(em_run: Pat
     assert cache.stat().st_mtime_ns == stamp  # reused, not fitted again
     with np.load(cache) as fitted:
         torch.testing.assert_close(
-            scorer.model.mdn.mu.bias.view(-1, 32)[: len(fitted["mu"])].cpu(),
+            scorer.model.mdn.means[: len(fitted["mu"])].cpu(),
             torch.from_numpy(fitted["mu"]),
         )
         assert int(fitted["epoch"]) == scorer.state["epoch"]
-    assert not scorer.model.mdn.mu.weight.any()
     # Another checkpoint epoch (a resumed run) is fitted afresh.
     best = em_run / "checkpoints" / "best.pt"
     state = load_checkpoint(best)

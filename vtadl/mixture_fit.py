@@ -5,9 +5,8 @@ image: they are K weights, means and variances shared by every token, and stocha
 descent on noisy tokens fits them poorly (measured on real photographs: benchmarks/RESULTS.md).
 Here the same parameters are fitted to convergence by EM (scikit-learn's GaussianMixture,
 diagonal covariances) on the clean tokens of the training images, once per checkpoint, and
-written into the head: zero weights and the fitted values as biases, so the head, the NLL
-and the checkpoint format stay what they were. A fit is cached in the run folder next to the
-checkpoint it belongs to.
+written into the head's parameters, so the NLL is computed as before. A fit is cached in
+the run folder next to the checkpoint it belongs to.
 """
 
 from __future__ import annotations
@@ -85,19 +84,16 @@ def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def apply_mixture(model: VTADL, params: dict[str, np.ndarray]) -> None:
-    """Make the head output exactly `params` for every token (zero weights, fitted biases).
-    Fewer fitted components than the head has (more Gaussians than tokens) get no weight."""
+    """Give the (global) head exactly `params`. Fewer fitted components than the head has
+    (more Gaussians than tokens) leave the rest without weight."""
     head = model.mdn
-    k_head, k = head.n_gaussians, len(params["log_pi"])
-    log_pi = torch.full((k_head,), -1e4)
-    log_pi[:k] = torch.from_numpy(params["log_pi"])
-    mu = torch.zeros(k_head, params["mu"].shape[1])
-    mu[:k] = torch.from_numpy(params["mu"])
-    log_var = torch.zeros_like(mu)
-    log_var[:k] = torch.from_numpy(params["log_var"])
-    for layer, bias in ((head.pi, log_pi), (head.mu, mu.ravel()), (head.log_var, log_var.ravel())):
-        layer.weight.zero_()
-        layer.bias.copy_(bias.to(layer.bias))
+    k = len(params["log_pi"])
+    head.logits.fill_(-1e4)
+    head.logits[:k] = torch.from_numpy(params["log_pi"]).to(head.logits)
+    head.means.zero_()
+    head.means[:k] = torch.from_numpy(params["mu"]).to(head.means)
+    head.log_vars.zero_()
+    head.log_vars[:k] = torch.from_numpy(params["log_var"]).to(head.log_vars)
 
 
 def fitted_mixture(

@@ -24,10 +24,11 @@ class MixtureDensityHead(nn.Module):
     `condition="token"` is the published design: the parameters are a linear function of the
     token itself, clamped at zero. `condition="position"` predicts them from a learned context
     per patch position, so each position has its own mixture that does not see the token it
-    scores. `condition="global"` learns one context for all positions: a single mixture is the
-    density of every token, wherever it sits, which suits products that are not aligned
-    (textures, parts at any place in the picture). The log variances are raw; the loss decides
-    how to bound them.
+    scores. `condition="global"` is one mixture for every token, wherever it sits, which
+    suits products that are not aligned (textures, parts anywhere in the picture): its weights,
+    means and log variances are parameters themselves (K * (2D + 1) numbers, not two D -> K*D
+    maps), fitted by the loss or by EM after training (vtadl.mixture_fit). The log variances
+    are raw; the loss decides how to bound them.
     """
 
     def __init__(
@@ -35,15 +36,29 @@ class MixtureDensityHead(nn.Module):
     ) -> None:
         super().__init__()
         self.n_gaussians = n_gaussians
+        self.condition = condition
+        if condition == "global":
+            self.logits = nn.Parameter(torch.zeros(n_gaussians))
+            self.means = nn.Parameter(torch.randn(n_gaussians, dim))
+            self.log_vars = nn.Parameter(torch.zeros(n_gaussians, dim))
+            self.context = None
+            return
         self.pi = nn.Linear(dim, n_gaussians)
         self.mu = nn.Linear(dim, n_gaussians * dim)
         self.log_var = nn.Linear(dim, n_gaussians * dim)
         nn.init.zeros_(self.log_var.weight)
         nn.init.zeros_(self.log_var.bias)
-        positions = {"token": 0, "position": num_patches, "global": 1}[condition]
-        self.context = nn.Parameter(torch.randn(1, positions, dim)) if positions else None
+        self.context = (
+            nn.Parameter(torch.randn(1, num_patches, dim)) if condition == "position" else None
+        )
 
     def forward(self, tokens: torch.Tensor) -> Mixture:
+        if self.condition == "global":
+            return Mixture(
+                log_pi=torch.log_softmax(self.logits, dim=-1)[None, None],
+                mu=self.means[None, None],
+                log_var=self.log_vars[None, None],
+            )
         cond = tokens.clamp(min=0) if self.context is None else self.context
         b, n, d = cond.shape
         shape = (b, n, self.n_gaussians, d)
