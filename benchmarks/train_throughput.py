@@ -76,6 +76,7 @@ def _config(args: argparse.Namespace, precision: str, batch_size: int) -> Config
         "img_size": args.image_size,
         "n_gaussians": args.n_gaussians,
         "mdn_condition": args.mdn_condition,
+        "mdn_detach": args.mdn_detach,
     }
     return default_config(args.variant).override(
         model={k: v for k, v in model_over.items() if v is not None},
@@ -85,6 +86,7 @@ def _config(args: argparse.Namespace, precision: str, batch_size: int) -> Config
             "batch_size": batch_size,
             "compile": args.compile,
             "fused_adam": args.fused_adam,
+            **({"mixture_fit": args.mixture_fit} if args.mixture_fit else {}),
         },
     )
 
@@ -482,6 +484,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--n-gaussians", type=int, default=None)
     ap.add_argument("--mdn-condition", default=None, help="token, position or global")
+    ap.add_argument("--mdn-detach", default=None, action=argparse.BooleanOptionalAction)
+    ap.add_argument("--mixture-fit", default=None, help="em or sgd (sgd: the published way)")
     ap.add_argument("--batch-size", nargs="*", type=int, default=[8])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
