@@ -365,7 +365,11 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     val_loader = DataLoader(
         val_set, batch_size=t.batch_size, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
     )
-    engine = workers.engine(build_model(config.model).to(device), config)
+    model = build_model(config.model).to(device)
+    if trains_without_mixture(config):
+        # Frozen, so that DDP and DeepSpeed do not wait for gradients that never come.
+        model.mdn.requires_grad_(False)
+    engine = workers.engine(model, config)
 
     start, best, first_loss = 0, math.inf, None
     state = workers.checkpoint_to_resume(run_dir)
