@@ -87,3 +87,29 @@ def test_dashboard_serves_tensorboard_until_interrupted(runs: Path) -> None:
         proc.wait(timeout=30)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_trial_ids_that_look_like_numbers_stay_text(tmp_path: Path) -> None:
+    import csv
+
+    from vtadl.config import default_config
+    from vtadl.report import find_experiments
+    from vtadl.tuning import RESULTS_FILE, SETTINGS_FILE
+
+    folder = tmp_path / "tune" / "mvtec" / "brick" / "exp"
+    folder.mkdir(parents=True)
+    config = default_config("vtadl_tiny").override(data={"category": "brick"})
+    settings = {"space": {"n_gaussians": [2]}, "metric": "au_pro"}
+    (folder / SETTINGS_FILE).write_text(
+        json.dumps({"config": config.to_dict(), "settings": settings})
+    )
+    with open(folder / RESULTS_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["trial_id", "n_gaussians", "au_pro", "epochs", "state"])
+        writer.writeheader()
+        writer.writerow(
+            {"trial_id": "12e45_00001", "n_gaussians": 2, "au_pro": 0.5, "epochs": 3,
+             "state": "completed"}
+        )  # fmt: skip
+    (exp,) = find_experiments(tmp_path)
+    assert exp.rows[0]["trial_id"] == "12e45_00001"
+    assert exp.rows[0]["au_pro"] == 0.5

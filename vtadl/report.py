@@ -91,6 +91,11 @@ def find_runs(root: Path) -> list[Run]:
     return runs
 
 
+# Columns of tune_results.csv that stay text: a Ray trial id such as "12e45_00001" reads as a
+# number to float() (underscores are allowed in numbers).
+TEXT_COLUMNS = {"trial_id", "state", "run_dir"}
+
+
 def _number(text: str) -> Any:
     try:
         return float(text) if text not in ("", "None") else None
@@ -106,7 +111,10 @@ def find_experiments(root: Path) -> list[Experiment]:
         folder = path.parent
         stored = json.loads((folder / SETTINGS_FILE).read_text())
         with open(path, newline="") as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = [
+                {k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()}
+                for row in csv.DictReader(f)
+            ]
         summary_path = folder / SUMMARY_FILE
         d = stored["config"]["data"]
         found.append(
