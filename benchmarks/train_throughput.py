@@ -45,7 +45,14 @@ import torch
 
 from vtadl.config import Config, default_config
 from vtadl.model import build_model
-from vtadl.training import Engine, Workers, loss_terms, pick_device, set_tf32
+from vtadl.training import (
+    Engine,
+    Workers,
+    loss_terms,
+    pick_device,
+    set_tf32,
+    training_model,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -91,17 +98,24 @@ def _config(args: argparse.Namespace, precision: str, batch_size: int) -> Config
     )
 
 
-def measure(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
+def _setup(args: argparse.Namespace, precision: str, batch_size: int):
+    """The config, device, model, engine and a batch of random images of one measurement."""
     torch.manual_seed(0)
     config = _config(args, precision, batch_size)
     device = pick_device(args.device)
     set_tf32(device, config.train.tf32)
-    model = build_model(config.model).to(device)
+    model = training_model(config, device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     engine = Workers().engine(model, config)
     size = config.model.img_size
     images = torch.rand(batch_size, 3, size, size, device=device)
+    return config, device, model, engine, images
+
+
+def measure(args: argparse.Namespace, precision: str, batch_size: int) -> dict:
+    config, device, model, engine, images = _setup(args, precision, batch_size)
+    size = config.model.img_size
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -237,14 +251,7 @@ def profile_step(args: argparse.Namespace, precision: str, batch_size: int) -> d
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    config = _config(args, precision, batch_size)
-    device = pick_device(args.device)
-    set_tf32(device, config.train.tf32)
-    model = build_model(config.model).to(device)
-    engine = Workers().engine(model, config)
-    size = config.model.img_size
-    images = torch.rand(batch_size, 3, size, size, device=device)
+    config, device, model, engine, images = _setup(args, precision, batch_size)
     # The model calls its encoder's forward_features, not the module itself, so each part's
     # entry point is wrapped in a labelled range (on this instance only).
     for part in PARTS:

@@ -44,7 +44,7 @@ def training_tokens(
 
     def encode(batch: np.ndarray) -> None:
         x = to_float(torch.from_numpy(batch).to(device)).permute(0, 3, 1, 2)
-        tokens = model.encoder.forward_features((x - model.pixel_mean) / model.pixel_std)
+        tokens = model.encode(x)
         out.append(tokens.float().reshape(-1, tokens.shape[-1]).cpu().numpy())
 
     pending: list[np.ndarray] = []

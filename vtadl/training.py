@@ -220,6 +220,16 @@ def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cas
     )
 
 
+def training_model(config: Config, device: torch.device) -> VTADL:
+    """A new model of the config on `device`, ready to train: with the mixture fitted by EM
+    afterwards, its head is frozen, so that DDP and DeepSpeed do not wait for gradients that
+    never come."""
+    model = build_model(config.model).to(device)
+    if trains_without_mixture(config):
+        model.mdn.requires_grad_(False)
+    return model
+
+
 def trains_without_mixture(config: Config) -> bool:
     """Whether training leaves the mixture out: it is fitted by EM afterwards and its
     gradient would not reach the encoder anyway (mdn_detach). The loss, validation loss
@@ -365,11 +375,7 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
     val_loader = DataLoader(
         val_set, batch_size=t.batch_size, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
     )
-    model = build_model(config.model).to(device)
-    if trains_without_mixture(config):
-        # Frozen, so that DDP and DeepSpeed do not wait for gradients that never come.
-        model.mdn.requires_grad_(False)
-    engine = workers.engine(model, config)
+    engine = workers.engine(training_model(config, device), config)
 
     start, best, first_loss = 0, math.inf, None
     state = workers.checkpoint_to_resume(run_dir)

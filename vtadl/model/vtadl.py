@@ -64,10 +64,14 @@ class VTADL(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(0.25), persistent=False)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The clean tokens (B, N, D) of images in [0, 1] (B, C, H, W)."""
+        return self.encoder.forward_features((images - self.pixel_mean) / self.pixel_std)
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> VTADLOutput:
         """`noise`: standard normal draws shaped like the tokens, scaled by `noise_std` in
         training (drawn here when not given), so a caller can make them reproducible."""
-        tokens = self.encoder.forward_features((images - self.pixel_mean) / self.pixel_std)
+        tokens = self.encode(images)
         if self.training and self.noise_std > 0:
             noise = torch.randn_like(tokens) if noise is None else noise.to(tokens)
             tokens = tokens + noise * self.noise_std
