@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from vtadl import metrics
-from vtadl.config import Config, validate
+from vtadl.config import Config, load_stored_config, validate
 from vtadl.data.synthetic import KINDS, TuningSplit, make_tuning_split
 from vtadl.exceptions import ConfigError, RunError, TrainingError
 from vtadl.training import BEST, Callbacks, new_run_dir
@@ -192,7 +192,7 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
 
     # An explicit override makes the Scorer calibrate afresh without writing calibration.json
     # (which belongs to the run's final evaluation).
-    config = Config.from_dict(_stored_config(run_dir))
+    config = load_stored_config(Path(run_dir) / "config.yaml")
     scorer = Scorer(run_dir, checkpoint=checkpoint, eval_overrides={"score": config.eval.score})
     nll, rec = scorer.raw(split.images)
     shape = split.images.shape[1:3]
@@ -206,14 +206,6 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
         "pixel_auroc": metrics.pixel_auroc(maps, masks),
         "image_auroc": metrics.image_auroc(scores, split.labels),
     }
-
-
-def _stored_config(run_dir: str | Path) -> dict:
-    import yaml
-
-    from vtadl.config import upgrade_stored
-
-    return upgrade_stored(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
 
 
 def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
