@@ -19,7 +19,8 @@ import yaml
 from vtadl.exceptions import ConfigError
 
 MDN_LOSSES = ("mixture", "reference")
-MIXTURE_FITS = ("em", "sgd")
+MIXTURE_FITS = ("em", "kernel", "sgd")
+FITTED_AFTER_TRAINING = ("em", "kernel")  # fits of a global mixture, after training
 MDN_CONDITIONS = ("token", "position", "global")
 SCORES = ("nll", "nll+recon", "recon")
 SCORE_SCALES = ("log", "linear")
@@ -84,8 +85,9 @@ class TrainConfig:
     mdn_loss: str = "mixture"
     # How the mixture over the tokens is fitted. "em": after training, by expectation-
     # maximisation on the clean training tokens (vtadl.mixture_fit; a global mixture only);
-    # with mdn_detach the head is then not trained with the network at all. "sgd": by the
-    # training loss, with the network (the published way).
+    # with mdn_detach the head is then not trained with the network at all. "kernel": after
+    # training too, a Gaussian on every training token (a kernel density; n_gaussians is
+    # unused). "sgd": by the training loss, with the network (the published way).
     mixture_fit: str = "em"
     precision: str = "fp32"
     device: str = "auto"
@@ -316,14 +318,14 @@ def validate(c: Config) -> Config:
             f"mixture_fit must be one of {MIXTURE_FITS}, got {t.mixture_fit!r}",
         ),
         (
-            t.mixture_fit != "em" or c.model.mdn_condition == "global",
-            "mixture_fit em needs mdn_condition global (one mixture for every token), got "
-            f"{c.model.mdn_condition!r}; use mixture_fit sgd for the others",
+            t.mixture_fit == "sgd" or c.model.mdn_condition == "global",
+            f"mixture_fit {t.mixture_fit} needs mdn_condition global (one mixture for every "
+            f"token), got {c.model.mdn_condition!r}; use mixture_fit sgd for the others",
         ),
         (
-            t.mixture_fit != "em" or t.mdn_loss == "mixture",
-            f"mixture_fit em fits the true mixture likelihood; mdn_loss {t.mdn_loss!r} needs "
-            "mixture_fit sgd",
+            t.mixture_fit == "sgd" or t.mdn_loss == "mixture",
+            f"mixture_fit {t.mixture_fit} fits the true mixture likelihood; mdn_loss "
+            f"{t.mdn_loss!r} needs mixture_fit sgd",
         ),
         (t.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {t.precision!r}"),
         (t.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {t.strategy!r}"),
@@ -356,6 +358,11 @@ def validate(c: Config) -> Config:
         ),
         (e.smoothing_sigma >= 0, f"smoothing sigma must not be negative, got {e.smoothing_sigma}"),
         (e.grid_shifts >= 1, f"grid_shifts must be at least 1, got {e.grid_shifts}"),
+        (
+            c.model.patch_size % max(e.grid_shifts, 1) == 0,
+            f"grid_shifts must divide the patch size {c.model.patch_size} (the shifted grids "
+            f"interleave at a whole-pixel stride), got {e.grid_shifts}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from vtadl import metrics
-from vtadl.config import Config, EvalConfig
+from vtadl.config import FITTED_AFTER_TRAINING, Config, EvalConfig
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import stitch_tiles
-from vtadl.exceptions import DataError, RunError
+from vtadl.exceptions import ConfigError, DataError, RunError
+from vtadl.grids import grid_offsets, nll_map, shift_images
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.mixture_fit import apply_mixture, fitted_mixture
 from vtadl.model import VTADL, Mixture
@@ -99,12 +100,6 @@ class Calibration:
         return cls(**raw)
 
 
-def grid_offsets(patch: int, shifts: int) -> list[tuple[int, int]]:
-    """The (dy, dx) pixel offsets of the `shifts` x `shifts` patch grids, (0, 0) first."""
-    steps = [round(i * patch / shifts) for i in range(shifts)]
-    return [(dy, dx) for dy in steps for dx in steps]
-
-
 @torch.no_grad()
 def _patch_nll(model: VTADL, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch NLL on the token grid (B, g, g), and the squared reconstruction error
@@ -135,29 +130,14 @@ def raw_scores(
     for start in range(0, len(images), batch_size):
         x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
         x = x.permute(0, 3, 1, 2)
-        h, w = x.shape[-2:]
         grids = []
         for dy, dx in offsets:
-            moved = F.pad(x, (dx, 0, dy, 0), mode="reflect")[..., :h, :w] if dy or dx else x
-            n, r = _patch_nll(model, moved, config)
+            n, r = _patch_nll(model, shift_images(x, dy, dx), config)
             grids.append(n)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
         nll.append(torch.stack(grids, 1).cpu().numpy())
     return np.concatenate(nll), np.concatenate(rec)
-
-
-def nll_map(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, S, g, g) patch scores on S shifted grids -> (N, H, W): each grid bilinearly
-    upsampled, shifted back into place (edge values repeated) and averaged."""
-    n, s, g, _ = grids.shape
-    h, w = size
-    shifts = round(s**0.5)
-    up = F.interpolate(torch.from_numpy(grids.astype(np.float32)), size=size, mode="bilinear")
-    total = torch.zeros(n, h, w)
-    for k, (dy, dx) in enumerate(grid_offsets(h // g, shifts)):
-        total += F.pad(up[:, k, dy:, dx:][:, None], (0, dx, 0, dy), mode="replicate")[:, 0]
-    return (total / s).numpy()
 
 
 def _standardised(nll: np.ndarray, rec: np.ndarray, cal: Calibration, score: str):
@@ -199,7 +179,11 @@ class Scorer:
     """A trained run, ready to turn images into full-resolution anomaly maps."""
 
     def __init__(
-        self, run_dir: str | Path, checkpoint: str = BEST, eval_overrides: dict | None = None
+        self,
+        run_dir: str | Path,
+        checkpoint: str = BEST,
+        eval_overrides: dict | None = None,
+        mixture_fit: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -210,10 +194,13 @@ class Scorer:
         overrides = {k: v for k, v in (eval_overrides or {}).items() if v is not None}
         if overrides:
             self.config = self.config.override(eval=overrides)
+        if mixture_fit is not None and mixture_fit != self.config.train.mixture_fit:
+            self.config = _refit(self.config, mixture_fit)
+            overrides["mixture_fit"] = mixture_fit  # calibrated afresh, not stored
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
-        if self.config.train.mixture_fit == "em":
+        if self.config.train.mixture_fit in FITTED_AFTER_TRAINING:
             params = fitted_mixture(
                 self.model,
                 self.run_dir,
@@ -222,6 +209,8 @@ class Scorer:
                 self.source,
                 self.device,
                 self.config.train.seed,
+                how=self.config.train.mixture_fit,
+                shifts=self.eval.grid_shifts,
             )
             apply_mixture(self.model, params)
         # The calibration of the run's own score is kept; other scores are calibrated afresh,
@@ -282,6 +271,19 @@ class Scorer:
         )
 
 
+def _refit(config: Config, how: str) -> Config:
+    """The run's config with its mixture fitted after training another way: possible
+    between the fits that leave the trained network alone (em, kernel), not for a mixture
+    that was trained with it (sgd)."""
+    if config.train.mixture_fit not in FITTED_AFTER_TRAINING or how not in FITTED_AFTER_TRAINING:
+        raise ConfigError(
+            f"this run's mixture was fitted by {config.train.mixture_fit}; it can be refitted "
+            f"after training as {' or '.join(FITTED_AFTER_TRAINING)} only when it was fitted "
+            f"that way, got {how!r}"
+        )
+    return config.override(train={"mixture_fit": how})
+
+
 def _read_calibration(path: Path, scale: str) -> Calibration | None:
     """A run's stored calibration, or None if it is missing, outdated or for another scale."""
     try:
@@ -295,15 +297,17 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     eval_overrides: dict | None = None,
+    mixture_fit: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score the test split of a run with its best checkpoint; write metrics.json and maps/.
 
-    `eval_overrides` (score, image_score, smoothing_sigma) evaluate the same model another way;
-    metrics.json records which way. Pixel metrics are None, with the reason in
+    `eval_overrides` (score, image_score, smoothing_sigma) evaluate the same model another way,
+    and so does `mixture_fit` (em or kernel, for a run fitted either way); metrics.json
+    records which way. Pixel metrics are None, with the reason in
     `pixel_metrics_absent`, when no test mask marks a pixel (MNIST, or empty masks).
     """
-    scorer = Scorer(run_dir, eval_overrides=eval_overrides)
+    scorer = Scorer(run_dir, eval_overrides=eval_overrides, mixture_fit=mixture_fit)
     c, src = scorer.config, scorer.source
     items = src.items("test")
     if not items:
@@ -342,6 +346,7 @@ def evaluate_run(
         "smoothing_sigma": scorer.eval.smoothing_sigma,
         "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,
+        "mixture_fit": c.train.mixture_fit,
         "checkpoint": BEST,
         "best_epoch": scorer.state["epoch"] + 1,
         "dataset": c.data.dataset,
