@@ -122,6 +122,10 @@ def test_train_options_reach_the_run(demo_root: Path, tmp_path: Path) -> None:
     assert (payload["score"], payload["score_scale"]) == ("nll", "linear")
     again = runner.invoke(app, ["evaluate", str(run_dir), "--score-scale", "log", "--json"])
     assert _last_json(again)["score_scale"] == "log"
+    kernel = runner.invoke(app, ["evaluate", str(run_dir), "--mixture-fit", "kernel", "--json"])
+    assert _last_json(kernel)["mixture_fit"] == "kernel"
+    wrong = runner.invoke(app, ["evaluate", str(run_dir), "--mixture-fit", "sgd"])
+    _one_line_error(wrong, "refitted", "'sgd'")
 
 
 def test_evaluate_table(demo_run: tuple[Path, dict]) -> None:

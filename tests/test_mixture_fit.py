@@ -1,4 +1,5 @@
-"""The mixture fitted by EM after training (`train.mixture_fit: em`, the default)."""
+"""The mixture fitted after training: by EM (`train.mixture_fit: em`, the default) or as a
+kernel density over every training token (`kernel`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from vtadl.config import Config, default_config, upgrade_stored
 from vtadl.evaluation import Scorer, evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.losses import mixture_nll
-from vtadl.mixture_fit import apply_mixture, fit_mixture
+from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture
 from vtadl.model import Mixture, create_model
 from vtadl.training import (
     fit,
@@ -128,3 +129,69 @@ def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
     del raw["train"]["mixture_fit"]
     config = Config.from_dict(upgrade_stored(raw))
     assert config.train.mixture_fit == "sgd" and config.model.mdn_condition == "token"
+
+
+def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour() -> None:
+    # Two clusters, one of them rare: a kernel mixture has a Gaussian on every token, so a
+    # token of the rare cluster scores as low as one of the common cluster, while a token
+    # far from both scores high; the head grows to hold it.
+    rng = np.random.default_rng(1)
+    d = 32
+    common = rng.normal(0, 1, (400, d))
+    rare = rng.normal(0, 1, (4, d)) + 6
+    tokens = np.concatenate([common, rare]).astype(np.float32)
+    params = kernel_mixture(tokens, bandwidth=0.3)
+    assert np.allclose(np.exp(params["log_pi"]), 1 / len(tokens))
+    np.testing.assert_array_equal(params["mu"], tokens)
+    var = (0.3 * tokens.std(0)) ** 2 + 1e-4
+    np.testing.assert_allclose(np.exp(params["log_var"][7]), var, rtol=1e-5)
+    model = create_model("vtadl_tiny", n_gaussians=4, mdn_condition="global").eval()
+    apply_mixture(model, params)
+    assert model.mdn.means.shape == (len(tokens), d)
+    seen = np.stack([common[5], rare[2]]) + rng.normal(0, 0.05, (2, d))
+    unseen = rng.normal(0, 1, (1, d)) + 3  # between the clusters, near no token
+    x = torch.from_numpy(np.concatenate([seen, unseen]).astype(np.float32))[None]
+    with torch.no_grad():
+        nll = mixture_nll(x, model.mdn(x))[0].numpy()
+    assert abs(nll[0] - nll[1]) < 0.2 * (nll[2] - nll[0])  # rare but seen ~ common
+    assert nll[2] > nll[0] and nll[2] > nll[1]
+
+
+def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
+    em_run: Path, monkeypatch
+) -> None:
+    from vtadl import mixture_fit
+
+    sizes = []
+    fit_real = mixture_fit.fit_mixture
+
+    def counting(tokens, k, seed):
+        sizes.append(len(tokens))
+        return fit_real(tokens, k, seed)
+
+    monkeypatch.setattr(mixture_fit, "fit_mixture", counting)
+    Scorer(em_run, eval_overrides={"grid_shifts": 2})
+    assert (em_run / "mixture_best_shifts2.npz").is_file()
+    (em_run / "mixture_best.npz").unlink(missing_ok=True)
+    Scorer(em_run)
+    assert sizes[0] == 4 * sizes[1]  # every training image at 2 x 2 offsets
+
+
+def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> None:
+    em = evaluate_run(em_run)
+    calibration = (em_run / "calibration.json").read_text()
+    kernel = evaluate_run(em_run, mixture_fit="kernel")
+    assert kernel["mixture_fit"] == "kernel" and em["mixture_fit"] == "em"
+    assert kernel["pixel_auroc"] != em["pixel_auroc"]
+    # The run's own calibration stays the EM mixture's.
+    assert (em_run / "calibration.json").read_text() == calibration
+    assert json.loads((em_run / "metrics.json").read_text())["mixture_fit"] == "kernel"
+
+
+def test_a_mixture_trained_with_the_network_cannot_be_refitted(tmp_path: Path) -> None:
+    from vtadl.evaluation import _refit
+
+    sgd = default_config("vtadl_tiny").override(train={"mixture_fit": "sgd"})
+    with pytest.raises(ConfigError, match="fitted by sgd"):
+        _refit(sgd, "kernel")
+    assert _refit(default_config("vtadl_tiny"), "kernel").train.mixture_fit == "kernel"

@@ -306,6 +306,9 @@ def evaluate(
     grid_shifts: int | None = typer.Option(
         None, help="Score the patch grid at N x N offsets for a finer map (N^2 passes)."
     ),
+    mixture_fit: str | None = typer.Option(
+        None, help="Refit the mixture after training: em (K Gaussians) or kernel (every token)."
+    ),
     as_json: bool = _flag("--json", "Print one JSON object as the last line."),
 ) -> None:
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
@@ -323,6 +326,7 @@ def evaluate(
         result = evaluate_run(
             run_dir,
             eval_overrides=overrides,
+            mixture_fit=mixture_fit,
             progress=lambda i, n: progress.update(task, completed=i, total=n),
         )
     _print_metrics(result, run_dir, as_json)

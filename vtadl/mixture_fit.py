@@ -1,4 +1,4 @@
-"""The mixture over the tokens fitted by expectation-maximisation (`train.mixture_fit: em`).
+"""The mixture over the tokens fitted after training (`train.mixture_fit: em` or `kernel`).
 
 With a global mixture (`model.mdn_condition: global`) the head's outputs do not depend on the
 image: they are K weights, means and variances shared by every token, and stochastic gradient
@@ -7,6 +7,16 @@ Here the same parameters are fitted to convergence by EM (scikit-learn's Gaussia
 diagonal covariances) on the clean tokens of the training images, once per checkpoint, and
 written into the head's parameters, so the NLL is computed as before. A fit is cached in
 the run folder next to the checkpoint it belongs to.
+
+`kernel` keeps every training token instead of summarising them in K components: a Gaussian
+on each (equal weights), all with one diagonal variance, `KERNEL_BANDWIDTH` times the
+tokens' spread per dimension: a kernel density estimate. Its NLL grows with the distance to
+the nearest training tokens, so a rare but normal patch that was seen in training scores
+low, as with a nearest neighbour, where K Gaussians would have to trade it for the common
+ones (measured on real photographs: benchmarks/RESULTS.md).
+
+Tokens are taken at the grid shifts the run is scored at (`eval.grid_shifts`): a shifted
+grid's tokens are then tokens the mixture has seen the like of.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from sklearn.mixture import GaussianMixture
 
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source
+from vtadl.grids import grid_offsets, shift_images
 from vtadl.model import VTADL
 
 log = logging.getLogger(__name__)
@@ -31,21 +42,30 @@ MAX_TOKENS = 50_000
 # Added to every variance (token units; tokens have a spread near 1 per dimension): keeps a
 # component that owns a handful of tokens from collapsing onto them.
 REG_COVAR = 1e-4
-CACHE = "mixture_{checkpoint}.npz"
+# The kernel's standard deviation per dimension, in units of the tokens' own spread there.
+KERNEL_BANDWIDTH = 0.3
+CACHE = "mixture_{checkpoint}{shifts}.npz"
 
 
 @torch.no_grad()
 def training_tokens(
-    model: VTADL, source: Source, device: torch.device, seed: int, batch_size: int = 8
+    model: VTADL,
+    source: Source,
+    device: torch.device,
+    seed: int,
+    shifts: int = 1,
+    batch_size: int = 8,
 ) -> np.ndarray:
-    """The clean (noise-free) tokens of every training image (every tile), (n, D) float32."""
+    """The clean (noise-free) tokens of every training image (every tile), at each of the
+    `shifts` x `shifts` grid offsets: (n, D) float32, at most MAX_TOKENS of them."""
     model.eval()
     out: list[np.ndarray] = []
 
     def encode(batch: np.ndarray) -> None:
         x = to_float(torch.from_numpy(batch).to(device)).permute(0, 3, 1, 2)
-        tokens = model.encode(x)
-        out.append(tokens.float().reshape(-1, tokens.shape[-1]).cpu().numpy())
+        for dy, dx in grid_offsets(x.shape[-1] // model.grid_size, shifts):
+            tokens = model.encode(shift_images(x, dy, dx))
+            out.append(tokens.float().reshape(-1, tokens.shape[-1]).cpu().numpy())
 
     pending: list[np.ndarray] = []
     for i in range(len(source.items("train"))):
@@ -82,12 +102,31 @@ def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def kernel_mixture(tokens: np.ndarray, bandwidth: float = KERNEL_BANDWIDTH) -> dict:
+    """A Gaussian on every token, equal weights, one diagonal variance: (bandwidth x the
+    tokens' standard deviation)^2 per dimension, plus REG_COVAR."""
+    n = len(tokens)
+    var = (bandwidth * tokens.std(0)) ** 2 + REG_COVAR
+    return {
+        "log_pi": np.full(n, -np.log(n), np.float32),
+        "mu": tokens.astype(np.float32),
+        "log_var": np.broadcast_to(np.log(var), tokens.shape).astype(np.float32),
+    }
+
+
 @torch.no_grad()
 def apply_mixture(model: VTADL, params: dict[str, np.ndarray]) -> None:
     """Give the (global) head exactly `params`. Fewer fitted components than the head has
-    (more Gaussians than tokens) leave the rest without weight."""
+    (more Gaussians than tokens) leave the rest without weight; more (a kernel mixture)
+    replace the head's parameters with larger ones, for scoring."""
     head = model.mdn
     k = len(params["log_pi"])
+    if k > head.n_gaussians:
+        for name, value in (("logits", "log_pi"), ("means", "mu"), ("log_vars", "log_var")):
+            old = getattr(head, name)
+            setattr(head, name, torch.nn.Parameter(torch.from_numpy(params[value]).to(old)))
+        head.n_gaussians = k
+        return
     head.logits.fill_(-1e4)
     head.logits[:k] = torch.from_numpy(params["log_pi"]).to(head.logits)
     head.means.zero_()
@@ -104,10 +143,17 @@ def fitted_mixture(
     source: Source,
     device: torch.device,
     seed: int,
+    how: str = "em",
+    shifts: int = 1,
 ) -> dict[str, np.ndarray]:
-    """The EM mixture of a run's checkpoint: from the cache when it was fitted for this
-    checkpoint's epoch and size, else fitted now (and cached)."""
-    path = run_dir / CACHE.format(checkpoint=Path(checkpoint).stem)
+    """The mixture of a run's checkpoint, fitted `how` ("em" or "kernel") to the training
+    tokens at `shifts` grid shifts. An EM fit comes from the cache when it was fitted for
+    this checkpoint's epoch and size, else it is fitted now (and cached); a kernel mixture
+    is only the tokens, taken afresh (seconds) rather than stored."""
+    if how == "kernel":
+        return kernel_mixture(training_tokens(model, source, device, seed, shifts))
+    suffix = f"_shifts{shifts}" if shifts > 1 else ""
+    path = run_dir / CACHE.format(checkpoint=Path(checkpoint).stem, shifts=suffix)
     k = model.mdn.n_gaussians
     try:
         with np.load(path) as cached:
@@ -116,7 +162,7 @@ def fitted_mixture(
     except (OSError, KeyError, ValueError):
         pass
     tic = time.perf_counter()
-    tokens = training_tokens(model, source, device, seed)
+    tokens = training_tokens(model, source, device, seed, shifts)
     params = fit_mixture(tokens, k, seed)
     log.info(
         "fitted %d Gaussians to %d training tokens by EM in %.1f s",

@@ -36,7 +36,14 @@ from vtadl.checkpoints import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from vtadl.config import Config, TrainConfig, absolute_paths, save_config, validate
+from vtadl.config import (
+    FITTED_AFTER_TRAINING,
+    Config,
+    TrainConfig,
+    absolute_paths,
+    save_config,
+    validate,
+)
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
@@ -231,10 +238,10 @@ def training_model(config: Config, device: torch.device) -> VTADL:
 
 
 def trains_without_mixture(config: Config) -> bool:
-    """Whether training leaves the mixture out: it is fitted by EM afterwards and its
+    """Whether training leaves the mixture out: it is fitted afterwards and its
     gradient would not reach the encoder anyway (mdn_detach). The loss, validation loss
     included, is then the reconstruction's alone."""
-    return config.train.mixture_fit == "em" and config.model.mdn_detach
+    return config.train.mixture_fit in FITTED_AFTER_TRAINING and config.model.mdn_detach
 
 
 @torch.no_grad()
