@@ -87,3 +87,13 @@ def test_shifted_grids_are_put_back_in_place(shifts: int) -> None:
     if shifts == 1:
         up = F.interpolate(torch.from_numpy(grids[None]), size=(32, 32), mode="bilinear")
         np.testing.assert_allclose(amap, up[0, 0].numpy(), rtol=1e-6)
+
+
+def test_grid_shifts_must_divide_the_patch() -> None:
+    from vtadl.config import default_config
+    from vtadl.exceptions import ConfigError
+
+    config = default_config("vtadl_tiny")  # 8-pixel patches
+    assert config.override(eval={"grid_shifts": 4}).eval.grid_shifts == 4
+    with pytest.raises(ConfigError, match="grid_shifts must divide the patch size 8"):
+        config.override(eval={"grid_shifts": 3})
