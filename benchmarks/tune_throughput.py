@@ -6,6 +6,9 @@
 .venv/bin/python benchmarks/tune_throughput.py overhead --epochs 10
     the same run (vtadl_small, demo brick) as `vtadl train` and as a one-trial `vtadl tune`,
     each a fresh process timed end to end, alternated `--repeats` times
+.venv/bin/python benchmarks/tune_throughput.py report --reports 100
+    what one `tune.report` costs a trial that does nothing else (a function trainable
+    waits until Tune's controller has taken each report in)
 """
 
 from __future__ import annotations
@@ -77,9 +80,12 @@ def _timed(command: list[str]) -> tuple[float, dict]:
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _epoch_seconds(run_dir: str | Path) -> float:
+def _epoch_seconds(run_dir: str | Path, key: str = "seconds") -> float:
+    """The median over epochs (the first left out) of an epoch's wall clock ("seconds":
+    training, validation, checkpoints, the previous epoch's report) or of its training
+    steps alone ("train_seconds")."""
     lines = (Path(run_dir) / "history.jsonl").read_text().splitlines()
-    return statistics.median(json.loads(line)["seconds"] for line in lines[1:])
+    return statistics.median(json.loads(line)[key] for line in lines[1:])
 
 
 def overhead(a: argparse.Namespace) -> None:
@@ -97,7 +103,8 @@ def overhead(a: argparse.Namespace) -> None:
     ]
     print(
         "| repeat | vtadl train | vtadl tune (1 trial) | overhead | train's fit "
-        "| the trial | trial overhead | median epoch, train | median epoch, trial |"
+        "| the trial | trial overhead | median epoch, train / trial "
+        "| its training steps, train / trial |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     ratios, trial_ratios = [], []
@@ -127,14 +134,41 @@ def overhead(a: argparse.Namespace) -> None:
         print(
             f"| {i + 1} | {train_s:.0f} s | {tune_s:.0f} s | {100 * ratios[-1]:+.0f}% "
             f"| {fit_s:.1f} s | {trial_s:.1f} s | {100 * trial_ratios[-1]:+.0f}% "
-            f"| {_epoch_seconds(train['run_dir']):.2f} s "
-            f"| {_epoch_seconds(tuned['best']['run_dir']):.2f} s |",
+            f"| {_epoch_seconds(train['run_dir']):.2f} / "
+            f"{_epoch_seconds(tuned['best']['run_dir']):.2f} s "
+            f"| {_epoch_seconds(train['run_dir'], 'train_seconds'):.2f} / "
+            f"{_epoch_seconds(tuned['best']['run_dir'], 'train_seconds'):.2f} s |",
             flush=True,
         )
     print(
         f"\nmedian overhead: whole command {100 * statistics.median(ratios):+.0f}%, "
         f"the trial {100 * statistics.median(trial_ratios):+.0f}%"
     )
+
+
+def report_cost(a: argparse.Namespace) -> None:
+    import logging
+
+    import ray
+    from ray import tune
+
+    from vtadl.tuning import start_local_ray
+
+    start_local_ray(2, logging_level=logging.WARNING, log_to_driver=False)
+    out = Path(tempfile.mkdtemp(prefix="tune-report-"))
+    n = a.reports
+
+    def trainable(config: dict) -> None:
+        tic = time.perf_counter()
+        for i in range(n):
+            tune.report({"epoch": i + 1})
+        (out / "seconds").write_text(str(time.perf_counter() - tic))
+
+    run = tune.RunConfig(storage_path=str(out), verbose=0)
+    tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), run_config=run).fit()
+    seconds = float((out / "seconds").read_text())
+    print(f"{n} reports in {seconds:.2f} s: {1000 * seconds / n:.1f} ms per report")
+    ray.shutdown()
 
 
 def main() -> None:
@@ -147,8 +181,10 @@ def main() -> None:
     o.add_argument("--category", default="brick")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--repeats", type=int, default=2)
+    r = sub.add_parser("report")
+    r.add_argument("--reports", type=int, default=100)
     a = p.parse_args()
-    {"tiny": tiny, "overhead": overhead}[a.what](a)
+    {"tiny": tiny, "overhead": overhead, "report": report_cost}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -287,3 +287,34 @@ def test_trials_score_the_tuning_split_only_where_the_scheduler_decides() -> Non
     assert scoring_epochs(100, TuneSettings(scheduler="asha")) == [1, 12, 24, 48, 96, 100]
     assert scoring_epochs(10, TuneSettings(scheduler="fifo")) == [1, 10]
     assert scoring_epochs(1, TuneSettings(scheduler="fifo")) == [1]
+
+
+def test_trials_report_at_scoring_epochs_and_otherwise_at_most_every_interval(
+    monkeypatch,
+) -> None:
+    # What the trial sends to Tune, epoch by epoch (Tune's report recorded, not run: the
+    # search above runs the real one); the scoring itself is counted, not computed.
+    import ray.tune
+
+    from vtadl import tuning
+
+    sent, scored = [], []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: sent.append(metrics["epoch"]))
+
+    def score(run_dir, split):
+        scored.append(run_dir)
+        return {"au_pro": 0.5, "pixel_auroc": 0.6, "image_auroc": 0.7}
+
+    monkeypatch.setattr(tuning, "tuning_scores", score)
+
+    def run(every: float, epochs: int = 10) -> list[int]:
+        sent.clear()
+        reporter = tuning._Reporter(Path("run"), None, "au_pro", [1, 4, epochs], every=every)
+        for epoch in range(1, epochs + 1):
+            reporter.on_epoch_end({"epoch": epoch, "val_loss": 1.0, "best": epoch == 3})
+        return list(sent)
+
+    assert run(every=3600) == [1, 4, 10]  # quick epochs: the scoring epochs only
+    assert run(every=0) == list(range(1, 11))  # slow epochs: every one
+    # The checkpoint changed at epoch 3, so epoch 4 scored again; epoch 10 did not need to.
+    assert len(scored) == 4

@@ -7,10 +7,11 @@
    needs no labelled anomalies and never reads the test split.
 2. Each trial is one training run of the base config with the trial's parameters, through
    `vtadl.runs.fit` (in the trial's process, or a `TorchTrainer` launched from it for ddp and
-   deepspeed: the Ray Train V2 way). Every epoch the trial reports its objective to Tune, so
-   ASHA can stop poor trials early: the score of the run's best checkpoint (lowest validation
-   loss) on the tuning split, computed afresh at the first epoch, at each of ASHA's decision
-   points and at the last epoch (scoring every epoch would add about half an epoch's time).
+   deepspeed: the Ray Train V2 way). The trial reports its objective to Tune, so ASHA can
+   stop poor trials early: the score of the run's best checkpoint (lowest validation loss)
+   on the tuning split, computed afresh at the first epoch, at each of ASHA's decision
+   points and at the last epoch (scoring every epoch would add about half an epoch's time),
+   and reported then and, in between, at most every `REPORT_EVERY_S` seconds.
 3. The objective is AU-PRO on the tuning split by default. The validation loss cannot rank
    runs with different noise levels or numbers of Gaussians (the noise and the mixture change
    the loss itself), and pixel AUROC is dominated by the largest defects: the synthetic
@@ -35,6 +36,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +67,8 @@ DEFAULT_SPACE = {"n_gaussians": [10, 50, 100, 150], "noise_std": [0.0, 0.1, 0.2]
 OBJECTIVE, EPOCH = "objective", "epoch"
 SPLIT_FILE, SETTINGS_FILE = "tuning_split.npz", "tune_settings.json"
 RESULTS_FILE, SUMMARY_FILE = "tune_results.csv", "tuning.json"
+# Between scoring epochs a trial reports to Tune at most this often (see _Reporter).
+REPORT_EVERY_S = 10.0
 FINISHED = ("completed", "stopped early", "error")
 _KINDS = {"int": "a whole number", "str": "a string"}
 
@@ -222,22 +226,41 @@ def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
 
 
 class _Reporter(Callbacks):
-    """Reports every epoch; scores the best checkpoint on the tuning split at the scoring
-    epochs (if it changed), so in between the objective is that of the last scoring."""
+    """Scores the best checkpoint on the tuning split at the scoring epochs (if it changed)
+    and reports to Tune then, and in between at most every `every` seconds, with the
+    objective of the last scoring.
 
-    def __init__(self, run_dir: Path, split: TuningSplit, metric: str, score_at: list[int]):
+    A report holds the trial until Tune's controller, in the driver process, has taken it in
+    (a function trainable reports synchronously, so that a scheduler can stop the trial
+    there): about 35 ms on a busy 2-core machine (benchmarks/RESULTS.md), more where the
+    driver is on another node. ASHA decides at its rungs only, which are scoring epochs,
+    and the run folder's history.jsonl and TensorBoard files still have every epoch.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        split: TuningSplit,
+        metric: str,
+        score_at: list[int],
+        every: float = REPORT_EVERY_S,
+    ):
         self.run_dir, self.split, self.metric = run_dir, split, metric
-        self.score_at = set(score_at)
+        self.score_at, self.every = set(score_at), every
         self.scores: dict | None = None
         self.stale = True
+        self.reported_at = -math.inf
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         from ray import tune
 
         self.stale = self.stale or bool(record.get("best"))
-        if self.scores is None or (self.stale and record["epoch"] in self.score_at):
+        due = record["epoch"] in self.score_at
+        if self.scores is None or (self.stale and due):
             self.scores = tuning_scores(self.run_dir, self.split)
             self.stale = False
+        elif not due and time.monotonic() - self.reported_at < self.every:
+            return
         tune.report(
             {
                 OBJECTIVE: self.scores[self.metric],
@@ -246,6 +269,7 @@ class _Reporter(Callbacks):
                 **{f"tuning_{k}": v for k, v in self.scores.items()},
             }
         )
+        self.reported_at = time.monotonic()
 
 
 def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
