@@ -125,6 +125,8 @@ SCORE_VARIANTS = {
     "log_top1": {"score": "nll", "scale": "log", "image_score": "top1pct"},
     "log_sigma2": {"score": "nll", "scale": "log", "smoothing_sigma": 2.0},
     "nll+recon": {"score": "nll+recon", "scale": "log"},
+    # Every training token as a Gaussian, on the interleaved grid of stride p/2.
+    "kernel_s2": {"score": "nll", "grid_shifts": 2, "mixture_fit": "kernel"},
 }
 
 
@@ -174,7 +176,13 @@ def main() -> None:
         # is what stays in its metrics.json and maps/.
         paper = evaluate_run(run_dir, eval_overrides={"score": "nll", "scale": "linear"})
         others = {
-            name: _rounded(evaluate_run(run_dir, eval_overrides=overrides))
+            name: _rounded(
+                evaluate_run(
+                    run_dir,
+                    eval_overrides={k: v for k, v in overrides.items() if k != "mixture_fit"},
+                    mixture_fit=overrides.get("mixture_fit"),
+                )
+            )
             for name, overrides in (SCORE_VARIANTS.items() if args.score_variants else ())
         }
         tic = time.perf_counter()
