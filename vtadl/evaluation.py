@@ -194,9 +194,9 @@ class Scorer:
         overrides = {k: v for k, v in (eval_overrides or {}).items() if v is not None}
         if overrides:
             self.config = self.config.override(eval=overrides)
-        if mixture_fit is not None and mixture_fit != self.config.train.mixture_fit:
+        refitted = mixture_fit is not None and mixture_fit != self.config.train.mixture_fit
+        if refitted:
             self.config = _refit(self.config, mixture_fit)
-            overrides["mixture_fit"] = mixture_fit  # calibrated afresh, not stored
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
@@ -213,13 +213,15 @@ class Scorer:
                 shifts=self.eval.grid_shifts,
             )
             apply_mixture(self.model, params)
-        # The calibration of the run's own score is kept; other scores are calibrated afresh,
-        # and so is a calibration written by an older version or for another scale.
+        # The calibration of the run's own score is kept; other scores and mixtures are
+        # calibrated afresh, and so is a calibration written by an older version or for
+        # another scale.
+        own = not (overrides or refitted)
         cal_path = self.run_dir / "calibration.json"
-        self.calibration = None if overrides else _read_calibration(cal_path, self.eval.scale)
+        self.calibration = _read_calibration(cal_path, self.eval.scale) if own else None
         if self.calibration is None:
             self.calibration = self._calibrate()
-            if not overrides:
+            if own:
                 cal_path.write_text(json.dumps(self.calibration.to_dict(), indent=2))
 
     @property

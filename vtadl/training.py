@@ -228,8 +228,8 @@ def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cas
 
 
 def training_model(config: Config, device: torch.device) -> VTADL:
-    """A new model of the config on `device`, ready to train: with the mixture fitted by EM
-    afterwards, its head is frozen, so that DDP and DeepSpeed do not wait for gradients that
+    """A new model of the config on `device`, ready to train: with the mixture fitted after
+    training, its head is frozen, so that DDP and DeepSpeed do not wait for gradients that
     never come."""
     model = build_model(config.model).to(device)
     if trains_without_mixture(config):
