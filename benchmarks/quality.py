@@ -120,13 +120,13 @@ def _rounded(result: dict) -> dict:
 
 # Other ways to score the same checkpoint (`--score-variants`): eval overrides by row name.
 SCORE_VARIANTS = {
-    "log_s2": {"score": "nll", "scale": "log", "grid_shifts": 2},
-    "linear_s2": {"score": "nll", "scale": "linear", "grid_shifts": 2},
-    "log_top1": {"score": "nll", "scale": "log", "image_score": "top1pct"},
-    "log_sigma2": {"score": "nll", "scale": "log", "smoothing_sigma": 2.0},
-    "nll+recon": {"score": "nll+recon", "scale": "log"},
-    # Every training token as a Gaussian, on the interleaved grid of stride p/2.
-    "kernel_s2": {"score": "nll", "grid_shifts": 2, "mixture_fit": "kernel"},
+    # The session-15 default: 400 Gaussians fitted by EM, one grid of stride p.
+    "em_s1": {"grid_shifts": 1, "mixture_fit": "em"},
+    # The default kernel mixture on one grid.
+    "kernel_s1": {"grid_shifts": 1},
+    "log_top1": {"image_score": "top1pct"},
+    "log_sigma2": {"smoothing_sigma": 2.0},
+    "nll+recon": {"score": "nll+recon"},
 }
 
 

@@ -114,11 +114,14 @@ def test_evaluate_json(demo_run: tuple[Path, dict]) -> None:
 
 def test_train_options_reach_the_run(demo_root: Path, tmp_path: Path) -> None:
     args = _train_args(demo_root, tmp_path / "runs", "--augment", "--score-scale", "linear")
-    payload = _last_json(runner.invoke(app, [*args, "--score", "nll", "--json"]))
+    em = ["--mixture-fit", "em", "--n-gaussians", "3", "--grid-shifts", "1"]
+    payload = _last_json(runner.invoke(app, [*args, *em, "--score", "nll", "--json"]))
     run_dir = Path(payload["run_dir"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["augment"] is True
-    assert saved["eval"] == {**saved["eval"], "score": "nll", "scale": "linear"}
+    assert saved["eval"] == {**saved["eval"], "score": "nll", "scale": "linear", "grid_shifts": 1}
+    assert (saved["train"]["mixture_fit"], saved["model"]["n_gaussians"]) == ("em", 3)
+    assert payload["mixture_fit"] == "em" and payload["grid_shifts"] == 1
     assert (payload["score"], payload["score_scale"]) == ("nll", "linear")
     again = runner.invoke(app, ["evaluate", str(run_dir), "--score-scale", "log", "--json"])
     assert _last_json(again)["score_scale"] == "log"
@@ -235,6 +238,9 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         (["--device", "gpu"], ("'gpu'", "unknown device")),
         (["--mdn-loss", "jensen"], ("mdn_loss", "jensen", "mixture", "reference")),
         (["--variant", "vtadl_huge"], ("vtadl_huge", *VARIANTS)),
+        (["--n-gaussians", "5"], ("n_gaussians 5", "unused", "kernel", "--mixture-fit em")),
+        (["--mixture-fit", "bayes"], ("mixture_fit", "bayes", "kernel")),
+        (["--grid-shifts", "3"], ("grid_shifts", "patch size 8", "3")),
     ],
     ids=[
         "image-size",
@@ -245,6 +251,9 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         "device",
         "mdn-loss",
         "variant",
+        "gaussians-unused",
+        "mixture-fit",
+        "grid-shifts",
     ],
 )
 def test_bad_options(demo_root: Path, tmp_path: Path, extra: list[str], words: tuple) -> None:

@@ -193,7 +193,7 @@ def test_precedence_variant_then_file_then_options(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
         "variant: vtadl_tiny\nmodel:\n  n_gaussians: 7\ndata:\n  dataset: btad\n"
-        "train:\n  epochs: 3\n"
+        "train:\n  epochs: 3\n  mixture_fit: em\n"
     )
     # Another variant: its defaults, then the file's values on top of them.
     cfg, _ = train_config(config_file=path, variant="vtadl_small", category="01")

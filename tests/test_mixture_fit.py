@@ -1,5 +1,5 @@
-"""The mixture fitted after training: by EM (`train.mixture_fit: em`, the default) or as a
-kernel density over every training token (`kernel`)."""
+"""The mixture fitted after training: as a kernel density over every training token
+(`train.mixture_fit: kernel`, the default) or by EM (`em`)."""
 
 from __future__ import annotations
 
@@ -68,11 +68,23 @@ def test_the_head_carries_the_em_fit_exactly() -> None:
 def em_run(demo_root: Path, tmp_path_factory) -> Path:
     config = default_config("vtadl_tiny").override(
         data={"root": str(demo_root), "category": "brick"},
-        train={"epochs": 2, "batch_size": 4, "out": str(tmp_path_factory.mktemp("em"))},
+        train={
+            "epochs": 2,
+            "batch_size": 4,
+            "out": str(tmp_path_factory.mktemp("em")),
+            "mixture_fit": "em",
+        },
+        eval={"grid_shifts": 1},
     )
-    assert config.train.mixture_fit == "em" and config.model.mdn_detach  # the defaults
-    assert config.model.mdn_condition == "global"
+    assert config.model.mdn_detach and config.model.mdn_condition == "global"  # the defaults
     return fit(config)
+
+
+def test_the_default_is_a_kernel_mixture_on_the_interleaved_grid() -> None:
+    for variant in ("vtadl_paper", "vtadl_small", "vtadl_tiny"):
+        config = default_config(variant)
+        assert config.train.mixture_fit == "kernel" and config.eval.grid_shifts == 2
+        assert config.model.mdn_detach and config.model.mdn_condition == "global"
 
 
 def test_training_leaves_the_mixture_to_em(em_run: Path) -> None:
@@ -115,8 +127,10 @@ def test_evaluation_fits_once_per_checkpoint_and_scores_with_the_fit(em_run: Pat
 
 def test_em_needs_a_global_mixture_and_its_likelihood() -> None:
     config = default_config("vtadl_tiny")
-    with pytest.raises(ConfigError, match="mixture_fit em needs mdn_condition global"):
+    with pytest.raises(ConfigError, match="mixture_fit kernel needs mdn_condition global"):
         config.override(model={"mdn_condition": "token"})
+    with pytest.raises(ConfigError, match="mixture_fit em needs mdn_condition global"):
+        config.override(model={"mdn_condition": "token"}, train={"mixture_fit": "em"})
     with pytest.raises(ConfigError, match="needs mixture_fit sgd"):
         config.override(train={"mdn_loss": "reference"})
     sgd = config.override(model={"mdn_condition": "token"}, train={"mixture_fit": "sgd"})
@@ -127,8 +141,10 @@ def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
     raw = default_config("vtadl_tiny").to_dict()
     raw["model"].update(mdn_condition="token", mdn_detach=False)
     del raw["train"]["mixture_fit"]
+    del raw["eval"]["grid_shifts"]
     config = Config.from_dict(upgrade_stored(raw))
     assert config.train.mixture_fit == "sgd" and config.model.mdn_condition == "token"
+    assert config.eval.grid_shifts == 1  # scored on one grid, as then
 
 
 def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour() -> None:
@@ -182,6 +198,7 @@ def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> No
     calibration = (em_run / "calibration.json").read_text()
     kernel = evaluate_run(em_run, mixture_fit="kernel")
     assert kernel["mixture_fit"] == "kernel" and em["mixture_fit"] == "em"
+    assert kernel["grid_shifts"] == em["grid_shifts"] == 1  # the run's own grid
     assert kernel["pixel_auroc"] != em["pixel_auroc"]
     # The run's own calibration stays the EM mixture's.
     assert (em_run / "calibration.json").read_text() == calibration

@@ -202,6 +202,7 @@ def test_best_run_is_a_train_run_evaluated_on_the_test_split(search) -> None:
     assert run.parent == search["out"] / "mvtec" / "brick"
     config = (run / "config.yaml").read_text()
     assert f"n_gaussians: {int(float(summary['best']['n_gaussians']))}" in config
+    assert "mixture_fit: em" in config  # a search over K fits K Gaussians
     assert len((run / "history.jsonl").read_text().splitlines()) == EPOCHS
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == {**metrics, **{k: summary["test_metrics"][k] for k in ("au_pro", "n_test")}}
@@ -235,6 +236,18 @@ def test_report_of_a_search_holds_table_ablation_and_gallery(search, tmp_path) -
     assert page.count("data:image/png;base64,") == 4 + n_maps
     assert "class=gallery" in page and "(best)" in page
     assert "http://" not in page and "https://" not in page
+
+
+def test_a_search_over_the_number_of_gaussians_fits_that_many() -> None:
+    from vtadl.tuning import searchable
+
+    config = default_config("vtadl_tiny")
+    assert config.train.mixture_fit == "kernel"  # one Gaussian per training token
+    assert searchable(config, TuneSettings()).train.mixture_fit == "em"  # the paper's ablation
+    noise_only = TuneSettings(space={"noise_std": [0.0, 0.1]})
+    assert searchable(config, noise_only).train.mixture_fit == "kernel"
+    sgd = config.override(train={"mixture_fit": "sgd"})
+    assert searchable(sgd, TuneSettings()).train.mixture_fit == "sgd"
 
 
 def test_tuning_split_masks_are_exact() -> None:

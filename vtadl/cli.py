@@ -174,6 +174,7 @@ def config_from_options(o: dict[str, Any]):
             batch_size=o["batch_size"],
             lr=o["lr"],
             mdn_loss=o["mdn_loss"],
+            mixture_fit=o["mixture_fit"],
             precision=o["precision"],
             device=o["device"],
             seed=o["seed"],
@@ -187,7 +188,7 @@ def config_from_options(o: dict[str, Any]):
             zero_stage=o["zero_stage"],
             deepspeed_config=path(o["deepspeed_config"]),
         ),
-        eval=dict(score=o["score"], scale=o["score_scale"]),
+        eval=dict(score=o["score"], scale=o["score_scale"], grid_shifts=o["grid_shifts"]),
     )
 
 
@@ -257,8 +258,13 @@ def train(
     ),
     batch_size: int | None = _option(_T.batch_size, "Images per step, over all workers."),
     lr: float | None = _option(_T.lr, "Learning rate (Adam)."),
+    mixture_fit: str | None = _option(
+        _T.mixture_fit,
+        "The mixture over the tokens: kernel (a Gaussian on every training token), em "
+        "(--n-gaussians fitted after training) or sgd (trained with the network, the paper).",
+    ),
     n_gaussians: int | None = _option(
-        _variant_default("n_gaussians"), "Gaussians in the mixture over the tokens."
+        _variant_default("n_gaussians"), "Gaussians in the mixture (em, sgd)."
     ),
     noise_std: float | None = _option(_M.noise_std, "Noise on the tokens in training; 0 disables."),
     mdn_loss: str | None = _option(
@@ -267,6 +273,9 @@ def train(
     score: str | None = _option(_E.score, "Anomaly map: nll, recon or nll+recon."),
     score_scale: str | None = _option(
         _E.scale, "log (compress each score's tail) or linear, before standardising."
+    ),
+    grid_shifts: int | None = _option(
+        _E.grid_shifts, "Score the patch grid at N x N offsets, a map of stride patch/N."
     ),
     precision: str | None = _option(_T.precision, "fp32 or bf16 (autocast)."),
     device: str | None = _option(_T.device, "auto, cpu, cuda, cuda:1, ..."),

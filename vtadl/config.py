@@ -83,12 +83,13 @@ class TrainConfig:
     w_ssim: float = 0.5
     w_nll: float = 1.0
     mdn_loss: str = "mixture"
-    # How the mixture over the tokens is fitted. "em": after training, by expectation-
-    # maximisation on the clean training tokens (vtadl.mixture_fit; a global mixture only);
-    # with mdn_detach the head is then not trained with the network at all. "kernel": after
-    # training too, a Gaussian on every training token (a kernel density; n_gaussians is
-    # unused). "sgd": by the training loss, with the network (the published way).
-    mixture_fit: str = "em"
+    # How the mixture over the tokens is fitted. "kernel": after training, a Gaussian on
+    # every clean training token (a kernel density; n_gaussians is unused; a global mixture
+    # only). "em": after training too, n_gaussians Gaussians fitted by expectation-
+    # maximisation to the same tokens. With either and mdn_detach the head is not trained
+    # with the network at all. "sgd": by the training loss, with the network (the published
+    # way). Chosen on real photographs: docs/decisions.md.
+    mixture_fit: str = "kernel"
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -128,8 +129,9 @@ class EvalConfig:
     scale: str = "log"
     image_score: str = "max"
     smoothing_sigma: float = 4.0
-    # Score the patch grid at shifts x shifts offsets (a finer map for shifts^2 passes).
-    grid_shifts: int = 1
+    # Score the patch grid at shifts x shifts offsets, interleaved into one grid of stride
+    # patch / shifts (a finer map for shifts^2 passes; vtadl.grids).
+    grid_shifts: int = 2
     n_maps: int = 12
 
 
@@ -243,6 +245,9 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
     train = raw.get("train")
     if isinstance(train, dict) and "mixture_fit" not in train:
         raw = {**raw, "train": {**train, "mixture_fit": "sgd"}}
+    evaluation = raw.get("eval")
+    if isinstance(evaluation, dict) and "grid_shifts" not in evaluation:
+        raw = {**raw, "eval": {**evaluation, "grid_shifts": 1}}
     return raw
 
 
@@ -361,7 +366,8 @@ def validate(c: Config) -> Config:
         (
             c.model.patch_size % max(e.grid_shifts, 1) == 0,
             f"grid_shifts must divide the patch size {c.model.patch_size} (the shifted grids "
-            f"interleave at a whole-pixel stride), got {e.grid_shifts}",
+            f"interleave at a whole-pixel stride), got {e.grid_shifts}; set eval.grid_shifts "
+            f"to 1 or a divisor",
         ),
     ]
     for ok, message in checks:

@@ -39,11 +39,14 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
 
     A global mixture (one for every token) takes the matrix-product form of the squared
     distance, sum x^2/v - 2 x.mu/v + sum mu^2/v, instead of a (B, N, K, D) intermediate:
-    hundreds of Gaussians over 256 tokens would otherwise need gigabytes.
+    hundreds of Gaussians over 256 tokens would otherwise need gigabytes. Both sides are
+    first moved by the means' centre, so that the three terms stay small and their float32
+    rounding does not swamp the distance of a token to a near component (a kernel mixture).
     """
     if mix.mu.shape[:2] == (1, 1):
         inv = torch.exp(-log_var[0, 0])  # (K, D)
-        mu = mix.mu[0, 0]
+        centre = mix.mu[0, 0].mean(0).detach()
+        mu, x = mix.mu[0, 0] - centre, x - centre
         sq = x.square() @ inv.T - 2 * x @ (mu * inv).T + (mu.square() * inv).sum(-1)
         out = -0.5 * (sq + log_var[0, 0].sum(-1) + x.shape[-1] * _LOG_2PI)
     else:

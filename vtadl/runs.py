@@ -133,7 +133,24 @@ def train_config(
     cfg = absolute_paths(layered_config(variant or raw.get("variant", "vtadl_paper"), raw, options))
     if not cfg.data.category:
         raise ConfigError("no category given (--category NAME)")
+    _check_gaussians_are_used(raw, options, cfg)
     return cfg, None
+
+
+def _check_gaussians_are_used(raw: dict, options: dict[str, dict], cfg: Config) -> None:
+    """A number of Gaussians asked for while the mixture resolves to the kernel default,
+    which has one on every training token, would be ignored without a word: refuse it."""
+    given = lambda section, key: key in options[section] or key in (raw.get(section) or {})
+    if (
+        cfg.train.mixture_fit == "kernel"
+        and given("model", "n_gaussians")
+        and not given("train", "mixture_fit")
+    ):
+        raise ConfigError(
+            f"n_gaussians {cfg.model.n_gaussians} is unused by the default kernel mixture (a "
+            "Gaussian on every training token); add --mixture-fit em (or train.mixture_fit: "
+            "em) to fit that many"
+        )
 
 
 def _resume_config(

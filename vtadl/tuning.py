@@ -176,6 +176,16 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return base.override(**sections)
 
 
+def searchable(config: Config, settings: TuneSettings) -> Config:
+    """The base config of the trials. A search over the number of Gaussians (the paper's
+    ablation, the default space) needs a mixture of that many: the kernel mixture has one
+    per training token, so such trials fit theirs by EM."""
+    if "n_gaussians" in settings.space and config.train.mixture_fit == "kernel":
+        log.info("searching the number of Gaussians: the trials fit their mixtures by EM")
+        return config.override(train={"mixture_fit": "em"})
+    return config
+
+
 def tuning_split(config: Config, per_kind: int) -> TuningSplit:
     """Model inputs of the validation split (every tile, when tiling) with synthetic defects."""
     from vtadl.data.source import category_source
@@ -556,7 +566,7 @@ def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[
     settings = settings_from_options(options)
     if isinstance(base_config, dict):
         base_config = Config.from_dict(base_config)
-    base = _absolute(validate(base_config))
+    base = _absolute(searchable(validate(base_config), settings))
     check_ray_address(base.train.ray_address)
     d = base.data
     root = Path(base.train.out) / "tune" / d.dataset / d.category
