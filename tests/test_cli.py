@@ -241,6 +241,7 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         (["--n-gaussians", "5"], ("n_gaussians 5", "unused", "kernel", "--mixture-fit em")),
         (["--mixture-fit", "bayes"], ("mixture_fit", "bayes", "kernel")),
         (["--grid-shifts", "3"], ("grid_shifts", "patch size 8", "3")),
+        (["--kernel-scope", "pixel"], ("kernel_scope", "pixel", "position")),
     ],
     ids=[
         "image-size",
@@ -254,6 +255,7 @@ def test_mask_of_another_size(demo_copy: Path, tmp_path: Path) -> None:
         "gaussians-unused",
         "mixture-fit",
         "grid-shifts",
+        "kernel-scope",
     ],
 )
 def test_bad_options(demo_root: Path, tmp_path: Path, extra: list[str], words: tuple) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from vtadl.config import Config, default_config, upgrade_stored
+from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
 from vtadl.evaluation import Scorer, evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.losses import mixture_nll
@@ -26,12 +26,16 @@ from vtadl.training import (
 )
 
 
-def test_the_global_mixture_takes_the_product_form_and_matches_the_elementwise_one() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
-    mu = torch.randn(1, 1, 3, 7, generator=gen, dtype=torch.float64)
-    log_var = torch.randn(1, 1, 3, 7, generator=gen, dtype=torch.float64)
-    log_pi = torch.log_softmax(torch.randn(1, 1, 3, generator=gen, dtype=torch.float64), -1)
+@pytest.mark.parametrize("positions", [1, 5], ids=["global", "per-position"])
+def test_a_shared_mixture_takes_the_product_form_and_matches_the_elementwise_one(positions):
+    # One mixture for every token, or one per position that the batch shares; means far
+    # from zero, as a kernel's are.
+    gen = torch.Generator().manual_seed(positions)
+    x = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64) + 10
+    mu = torch.randn(1, positions, 3, 7, generator=gen, dtype=torch.float64) + 10
+    log_var = torch.randn(1, positions, 3, 7, generator=gen, dtype=torch.float64)
+    logits = torch.randn(1, positions, 3, generator=gen, dtype=torch.float64)
+    log_pi = torch.log_softmax(logits, -1)
     shared = mixture_nll(x, Mixture(log_pi, mu, log_var))
     each = mixture_nll(
         x, Mixture(log_pi.expand(2, 5, 3), mu.expand(2, 5, 3, 7), log_var.expand(2, 5, 3, 7))
@@ -141,10 +145,11 @@ def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
     raw = default_config("vtadl_tiny").to_dict()
     raw["model"].update(mdn_condition="token", mdn_detach=False)
     del raw["train"]["mixture_fit"]
-    del raw["eval"]["grid_shifts"]
+    del raw["eval"]["grid_shifts"], raw["eval"]["kernel_scope"]
     config = Config.from_dict(upgrade_stored(raw))
     assert config.train.mixture_fit == "sgd" and config.model.mdn_condition == "token"
     assert config.eval.grid_shifts == 1  # scored on one grid, as then
+    assert config.eval.kernel_scope == "image"  # a kernel then took every training token
 
 
 def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour() -> None:
@@ -212,3 +217,78 @@ def test_a_mixture_trained_with_the_network_cannot_be_refitted(tmp_path: Path) -
     with pytest.raises(ConfigError, match="fitted by sgd"):
         _refit(sgd, "kernel")
     assert _refit(default_config("vtadl_tiny"), "kernel").train.mixture_fit == "kernel"
+
+
+def test_a_kernel_by_position_scores_each_token_against_its_own_position_only() -> None:
+    # Six images, two shifted grids of four positions, position p's tokens around 3 * p: a
+    # token is scored by the Gaussians of its own grid and position, so the same value is
+    # normal where it was seen and anomalous where it was not.
+    rng = np.random.default_rng(2)
+    n, grids, cells, d = 6, 2, 4, 32
+    centres = 3.0 * np.arange(grids * cells)[None, :, None]
+    tokens = (centres + rng.normal(0, 1, (n, grids * cells, d))).astype(np.float32)
+    params = kernel_mixture(tokens, bandwidth=0.3)
+    assert params["mu"].shape == (grids * cells, n, d) and params["log_pi"].shape == (8, n)
+    model = create_model("vtadl_tiny", n_gaussians=4, mdn_condition="global").eval()
+    apply_mixture(model, params)
+    x = torch.from_numpy(tokens[0, cells:] + rng.normal(0, 0.05, (cells, d)).astype(np.float32))
+    x = x[None]  # grid 1's tokens of image 0, slightly moved
+    with torch.no_grad():
+        nll = mixture_nll(x, model.mdn(x, grid=1))[0].numpy().astype(np.float64)
+    var = np.exp(params["log_var"][0, 0].astype(np.float64))
+    for cell in range(cells):
+        mu = tokens[:, cells + cell].astype(np.float64)  # (n, d): this grid and cell only
+        log_n = -0.5 * (
+            ((x[0, cell].numpy() - mu) ** 2 / var).sum(1) + np.log(2 * np.pi * var).sum()
+        )
+        expected = -(np.logaddexp.reduce(log_n) - np.log(n))
+        np.testing.assert_allclose(nll[cell], expected, rtol=1e-4)
+    # Grid 1's cell 2 value, shown at cell 0: normal there (it is grid 1's cell 2 of image 0,
+    # nearly), anomalous here.
+    moved = x.clone()
+    moved[0, 0] = x[0, 2]
+    with torch.no_grad():
+        again = mixture_nll(moved, model.mdn(moved, grid=1))[0].numpy()
+    assert again[0] > nll[0] + 100 and abs(again[2] - nll[2]) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """One epoch on scikit-learn's 3s (MNIST files: 1000 training digits, 120 test)."""
+    from sklearn.datasets import load_digits
+
+    from vtadl.data.mnist import MNIST_FILES, write_idx
+
+    tmp = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    parts = {"train": slice(0, 1000), "test": slice(1000, 1120)}
+    for split, rows in parts.items():
+        write_idx(tmp / MNIST_FILES[f"{split}_images"], images[rows])
+        write_idx(tmp / MNIST_FILES[f"{split}_labels"], labels[rows])
+    config = default_config("vtadl_tiny").override(
+        data={"root": str(tmp), "dataset": "mnist"},
+        train={"epochs": 1, "batch_size": 8, "out": str(tmp / "runs")},
+    )
+    return fit(config.override(data={"category": "3"}))
+
+
+def test_digits_are_scored_by_position_by_default(digits_run: Path) -> None:
+    own = evaluate_run(digits_run)
+    assert own["kernel_scope"] == "position" and own["mixture_fit"] == "kernel"
+    assert own["image_auroc"] > 0.5
+    anywhere = evaluate_run(digits_run, eval_overrides={"kernel_scope": "image"})
+    assert anywhere["kernel_scope"] == "image"
+    assert anywhere["image_auroc"] != own["image_auroc"]
+    config = Scorer(digits_run).config
+    assert kernel_scope(config.override(train={"mixture_fit": "em"})) is None  # kernel only
+
+
+def test_kernel_scope_is_checked() -> None:
+    config = default_config("vtadl_tiny")
+    assert config.eval.kernel_scope == "auto"
+    with pytest.raises(ConfigError, match="kernel_scope must be one of"):
+        config.override(eval={"kernel_scope": "pixel"})
+    with pytest.raises(ConfigError, match="kernel_scope position needs mixture_fit kernel"):
+        config.override(eval={"kernel_scope": "position"}, train={"mixture_fit": "em"})

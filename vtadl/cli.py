@@ -188,7 +188,12 @@ def config_from_options(o: dict[str, Any]):
             zero_stage=o["zero_stage"],
             deepspeed_config=path(o["deepspeed_config"]),
         ),
-        eval=dict(score=o["score"], scale=o["score_scale"], grid_shifts=o["grid_shifts"]),
+        eval=dict(
+            score=o["score"],
+            scale=o["score_scale"],
+            grid_shifts=o["grid_shifts"],
+            kernel_scope=o["kernel_scope"],
+        ),
     )
 
 
@@ -277,6 +282,11 @@ def train(
     grid_shifts: int | None = _option(
         _E.grid_shifts, "Score the patch grid at N x N offsets, a map of stride patch/N."
     ),
+    kernel_scope: str | None = _option(
+        "auto: position for mnist, else image",
+        "A kernel scores each token against the training tokens of the whole image (image) "
+        "or of its own grid position (position, for aligned images).",
+    ),
     precision: str | None = _option(_T.precision, "fp32 or bf16 (autocast)."),
     device: str | None = _option(_T.device, "auto, cpu, cuda, cuda:1, ..."),
     seed: int | None = _option(_T.seed, "Seed of the weights, the data split and the noise."),
@@ -318,6 +328,9 @@ def evaluate(
     mixture_fit: str | None = typer.Option(
         None, help="Refit the mixture after training: em (K Gaussians) or kernel (every token)."
     ),
+    kernel_scope: str | None = typer.Option(
+        None, help="Kernel: tokens of the whole image (image) or of each position (position)."
+    ),
     as_json: bool = _flag("--json", "Print one JSON object as the last line."),
 ) -> None:
     """Evaluate a run's best checkpoint on its test split; rewrites metrics.json and maps/."""
@@ -327,6 +340,7 @@ def evaluate(
         "image_score": image_score,
         "smoothing_sigma": sigma,
         "grid_shifts": grid_shifts,
+        "kernel_scope": kernel_scope,
     }
     from vtadl.evaluation import evaluate_run
 

@@ -25,6 +25,7 @@ MDN_CONDITIONS = ("token", "position", "global")
 SCORES = ("nll", "nll+recon", "recon")
 SCORE_SCALES = ("log", "linear")
 IMAGE_SCORES = ("max", "mean", "top1pct")
+KERNEL_SCOPES = ("auto", "image", "position")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("single", "ddp", "deepspeed")
 PLACEMENTS = ("pack", "spread")
@@ -132,6 +133,12 @@ class EvalConfig:
     # Score the patch grid at shifts x shifts offsets, interleaved into one grid of stride
     # patch / shifts (a finer map for shifts^2 passes; vtadl.grids).
     grid_shifts: int = 2
+    # Which training tokens a kernel mixture (train.mixture_fit: kernel) scores a token
+    # against: "image", all of them, wherever they sat (parts and textures anywhere in the
+    # picture); "position", only those at the same grid position and shift (aligned images,
+    # such as centred digits: a stroke normal elsewhere is then anomalous here); "auto",
+    # position for the MNIST layout, image otherwise (`kernel_scope`).
+    kernel_scope: str = "auto"
     n_maps: int = 12
 
 
@@ -191,6 +198,18 @@ VARIANTS: dict[str, ModelConfig] = {
 }
 
 
+def kernel_scope(config: Config) -> str | None:
+    """What `eval.kernel_scope` comes to for this config: "image" or "position" for a
+    kernel mixture (auto: position for the MNIST layout, whose digits are centred), None
+    for the other fits."""
+    if config.train.mixture_fit != "kernel":
+        return None
+    scope = config.eval.kernel_scope
+    if scope == "auto":
+        return "position" if config.data.dataset == "mnist" else "image"
+    return scope
+
+
 def variant_config(name: str, **overrides: Any) -> ModelConfig:
     """The named model variant with field overrides; an unknown name lists the known ones."""
     if name not in VARIANTS:
@@ -248,6 +267,9 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
     evaluation = raw.get("eval")
     if isinstance(evaluation, dict) and "grid_shifts" not in evaluation:
         raw = {**raw, "eval": {**evaluation, "grid_shifts": 1}}
+    evaluation = raw.get("eval")
+    if isinstance(evaluation, dict) and "kernel_scope" not in evaluation:
+        raw = {**raw, "eval": {**evaluation, "kernel_scope": "image"}}
     return raw
 
 
@@ -363,6 +385,14 @@ def validate(c: Config) -> Config:
         ),
         (e.smoothing_sigma >= 0, f"smoothing sigma must not be negative, got {e.smoothing_sigma}"),
         (e.grid_shifts >= 1, f"grid_shifts must be at least 1, got {e.grid_shifts}"),
+        (
+            e.kernel_scope in KERNEL_SCOPES,
+            f"kernel_scope must be one of {KERNEL_SCOPES}, got {e.kernel_scope!r}",
+        ),
+        (
+            e.kernel_scope != "position" or c.train.mixture_fit == "kernel",
+            f"kernel_scope position needs mixture_fit kernel, got {c.train.mixture_fit!r}",
+        ),
         (
             c.model.patch_size % max(e.grid_shifts, 1) == 0,
             f"grid_shifts must divide the patch size {c.model.patch_size} (the shifted grids "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from vtadl import metrics
-from vtadl.config import FITTED_AFTER_TRAINING, Config, EvalConfig
+from vtadl.config import FITTED_AFTER_TRAINING, Config, EvalConfig, kernel_scope
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import stitch_tiles
@@ -101,11 +101,13 @@ class Calibration:
 
 
 @torch.no_grad()
-def _patch_nll(model: VTADL, x: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def _patch_nll(
+    model: VTADL, x: torch.Tensor, config: Config, grid: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch NLL on the token grid (B, g, g), and the squared reconstruction error
-    averaged over channels (B, H, W)."""
+    averaged over channels (B, H, W). `grid`: the index of x's shifted grid."""
     with autocast(x.device, config.train.precision):
-        out = model(x)
+        out = model(x, grid=grid)
     g = model.grid_size
     mixture = Mixture(*(t.float() for t in out.mixture))
     nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
@@ -131,8 +133,8 @@ def raw_scores(
         x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
         x = x.permute(0, 3, 1, 2)
         grids = []
-        for dy, dx in offsets:
-            n, r = _patch_nll(model, shift_images(x, dy, dx), config)
+        for k, (dy, dx) in enumerate(offsets):
+            n, r = _patch_nll(model, shift_images(x, dy, dx), config, k)
             grids.append(n)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
@@ -211,6 +213,7 @@ class Scorer:
                 self.config.train.seed,
                 how=self.config.train.mixture_fit,
                 shifts=self.eval.grid_shifts,
+                by_position=kernel_scope(self.config) == "position",
             )
             apply_mixture(self.model, params)
         # The calibration of the run's own score is kept; other scores and mixtures are
@@ -349,6 +352,7 @@ def evaluate_run(
         "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,
         "mixture_fit": c.train.mixture_fit,
+        "kernel_scope": kernel_scope(c),
         "checkpoint": BEST,
         "best_epoch": scorer.state["epoch"] + 1,
         "dataset": c.data.dataset,

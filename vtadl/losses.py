@@ -42,6 +42,8 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
     hundreds of Gaussians over 256 tokens would otherwise need gigabytes. Both sides are
     first moved by the means' centre, so that the three terms stay small and their float32
     rounding does not swamp the distance of a token to a near component (a kernel mixture).
+    A mixture per position that the batch shares (a kernel by position) takes the same form
+    per position, as one batched product.
     """
     if mix.mu.shape[:2] == (1, 1):
         inv = torch.exp(-log_var[0, 0])  # (K, D)
@@ -49,6 +51,13 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
         mu, x = mix.mu[0, 0] - centre, x - centre
         sq = x.square() @ inv.T - 2 * x @ (mu * inv).T + (mu.square() * inv).sum(-1)
         out = -0.5 * (sq + log_var[0, 0].sum(-1) + x.shape[-1] * _LOG_2PI)
+    elif mix.mu.shape[0] == 1:  # a mixture per position, shared by the batch: per position
+        inv = torch.exp(-log_var[0])  # (N, K, D)
+        centre = mix.mu[0].mean(1, keepdim=True).detach()
+        mu, x = mix.mu[0] - centre, (x - centre.transpose(0, 1)).transpose(0, 1)  # (N, B, D)
+        sq = x.square() @ inv.mT - 2 * x @ (mu * inv).mT + (mu.square() * inv).sum(-1)[:, None]
+        out = -0.5 * (sq + log_var[0].sum(-1)[:, None] + x.shape[-1] * _LOG_2PI)
+        out = out.transpose(0, 1)  # (B, N, K)
     else:
         sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)
         out = -0.5 * (sq + log_var + _LOG_2PI).sum(-1)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # Tokens for the fit: at most this many, drawn evenly from the training images; enough for
 # K in the hundreds at any token width, and a fit of a minute or less on a CPU.
 MAX_TOKENS = 50_000
+# A kernel by position holds one Gaussian per training image at each position: at most
+# this many images (each test token meets only its own position's, so more are affordable).
+MAX_POSITION_IMAGES = 2000
 # Added to every variance (token units; tokens have a spread near 1 per dimension): keeps a
 # component that owns a handful of tokens from collapsing onto them.
 REG_COVAR = 1e-4
@@ -55,17 +58,22 @@ def training_tokens(
     seed: int,
     shifts: int = 1,
     batch_size: int = 8,
+    by_position: bool = False,
 ) -> np.ndarray:
     """The clean (noise-free) tokens of every training image (every tile), at each of the
-    `shifts` x `shifts` grid offsets: (n, D) float32, at most MAX_TOKENS of them."""
+    `shifts` x `shifts` grid offsets: (n, D) float32, at most MAX_TOKENS of them, drawn
+    evenly. `by_position`: (images, S * L, D) instead, every token kept in its place (offset
+    k's grid cell l at k * L + l), at most MAX_POSITION_IMAGES images."""
     model.eval()
     out: list[np.ndarray] = []
 
     def encode(batch: np.ndarray) -> None:
         x = to_float(torch.from_numpy(batch).to(device)).permute(0, 3, 1, 2)
-        for dy, dx in grid_offsets(x.shape[-1] // model.grid_size, shifts):
-            tokens = model.encode(shift_images(x, dy, dx))
-            out.append(tokens.float().reshape(-1, tokens.shape[-1]).cpu().numpy())
+        grids = [
+            model.encode(shift_images(x, dy, dx))
+            for dy, dx in grid_offsets(x.shape[-1] // model.grid_size, shifts)
+        ]
+        out.append(torch.cat(grids, 1).float().cpu().numpy())  # (B, S * L, D)
 
     pending: list[np.ndarray] = []
     for i in range(len(source.items("train"))):
@@ -76,10 +84,17 @@ def training_tokens(
     if pending:
         encode(np.stack(pending))
     tokens = np.concatenate(out)
-    if len(tokens) > MAX_TOKENS:
-        keep = np.random.default_rng(seed).choice(len(tokens), MAX_TOKENS, replace=False)
-        tokens = tokens[np.sort(keep)]
-    return tokens
+    if by_position:
+        return _draw(tokens, MAX_POSITION_IMAGES, seed)
+    return _draw(tokens.reshape(-1, tokens.shape[-1]), MAX_TOKENS, seed)
+
+
+def _draw(rows: np.ndarray, most: int, seed: int) -> np.ndarray:
+    """At most `most` of the rows, drawn at random and kept in order."""
+    if len(rows) <= most:
+        return rows
+    keep = np.random.default_rng(seed).choice(len(rows), most, replace=False)
+    return rows[np.sort(keep)]
 
 
 def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
@@ -104,24 +119,31 @@ def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
 
 def kernel_mixture(tokens: np.ndarray, bandwidth: float = KERNEL_BANDWIDTH) -> dict:
     """A Gaussian on every token, equal weights, one diagonal variance: (bandwidth x the
-    tokens' standard deviation)^2 per dimension, plus REG_COVAR."""
-    n = len(tokens)
-    var = (bandwidth * tokens.std(0)) ** 2 + REG_COVAR
+    tokens' standard deviation)^2 per dimension, plus REG_COVAR.
+
+    Tokens (n, D) make one mixture of n Gaussians; tokens by position (images, P, D) make P
+    mixtures, one per position, each of the images' tokens there: log weights (P, images),
+    means and log variances (P, images, D), the variance still the spread over all tokens.
+    """
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    var = (bandwidth * flat.std(0)) ** 2 + REG_COVAR
+    mu = tokens if tokens.ndim == 2 else tokens.transpose(1, 0, 2)
+    n = mu.shape[-2]
     return {
-        "log_pi": np.full(n, -np.log(n), np.float32),
-        "mu": tokens.astype(np.float32),
-        "log_var": np.broadcast_to(np.log(var), tokens.shape).astype(np.float32),
+        "log_pi": np.full(mu.shape[:-1], -np.log(n), np.float32),
+        "mu": np.ascontiguousarray(mu, np.float32),
+        "log_var": np.broadcast_to(np.log(var), mu.shape).astype(np.float32),
     }
 
 
 @torch.no_grad()
 def apply_mixture(model: VTADL, params: dict[str, np.ndarray]) -> None:
     """Give the (global) head exactly `params`. Fewer fitted components than the head has
-    (more Gaussians than tokens) leave the rest without weight; more (a kernel mixture)
-    replace the head's parameters with larger ones, for scoring."""
+    (more Gaussians than tokens) leave the rest without weight; more (a kernel mixture), or
+    one mixture per position, replace the head's parameters with those, for scoring."""
     head = model.mdn
-    k = len(params["log_pi"])
-    if k > head.n_gaussians:
+    k = params["log_pi"].shape[-1]
+    if k > head.n_gaussians or params["log_pi"].ndim == 2:
         for name, value in (("logits", "log_pi"), ("means", "mu"), ("log_vars", "log_var")):
             old = getattr(head, name)
             setattr(head, name, torch.nn.Parameter(torch.from_numpy(params[value]).to(old)))
@@ -145,13 +167,17 @@ def fitted_mixture(
     seed: int,
     how: str = "em",
     shifts: int = 1,
+    by_position: bool = False,
 ) -> dict[str, np.ndarray]:
     """The mixture of a run's checkpoint, fitted `how` ("em" or "kernel") to the training
-    tokens at `shifts` grid shifts. An EM fit comes from the cache when it was fitted for
-    this checkpoint's epoch and size, else it is fitted now (and cached); a kernel mixture
-    is only the tokens, taken afresh (seconds) rather than stored."""
+    tokens at `shifts` grid shifts (a kernel `by_position`: one mixture per position). An
+    EM fit comes from the cache when it was fitted for this checkpoint's epoch and size,
+    else it is fitted now (and cached); a kernel mixture is only the tokens, taken afresh
+    (seconds) rather than stored."""
     if how == "kernel":
-        return kernel_mixture(training_tokens(model, source, device, seed, shifts))
+        return kernel_mixture(
+            training_tokens(model, source, device, seed, shifts, by_position=by_position)
+        )
     suffix = f"_shifts{shifts}" if shifts > 1 else ""
     path = run_dir / CACHE.format(checkpoint=Path(checkpoint).stem, shifts=suffix)
     k = model.mdn.n_gaussians

@@ -10,8 +10,8 @@ from torch import nn
 
 class Mixture(NamedTuple):
     """Diagonal Gaussian mixture per token: log weights (B, N, K), means and log variances
-    (B, N, K, D). With position conditioning the batch dimension is 1 and broadcasts; with
-    global conditioning the token dimension is 1 too."""
+    (B, N, K, D). With position conditioning (or a kernel by position) the batch dimension
+    is 1 and broadcasts; with global conditioning the token dimension is 1 too."""
 
     log_pi: torch.Tensor
     mu: torch.Tensor
@@ -52,7 +52,18 @@ class MixtureDensityHead(nn.Module):
             nn.Parameter(torch.randn(1, num_patches, dim)) if condition == "position" else None
         )
 
-    def forward(self, tokens: torch.Tensor) -> Mixture:
+    def forward(self, tokens: torch.Tensor, grid: int = 0) -> Mixture:
+        """The mixture of each token. A global head given one mixture per position (a kernel
+        by position, vtadl.mixture_fit) holds the positions of every shifted grid in turn:
+        `grid` picks the tokens' grid."""
+        if self.condition == "global" and self.means.ndim == 3:
+            n = tokens.shape[1]
+            at = slice(grid * n, (grid + 1) * n)
+            return Mixture(
+                log_pi=torch.log_softmax(self.logits[at], dim=-1)[None],
+                mu=self.means[at][None],
+                log_var=self.log_vars[at][None],
+            )
         if self.condition == "global":
             return Mixture(
                 log_pi=torch.log_softmax(self.logits, dim=-1)[None, None],

@@ -68,9 +68,12 @@ class VTADL(nn.Module):
         """The clean tokens (B, N, D) of images in [0, 1] (B, C, H, W)."""
         return self.encoder.forward_features((images - self.pixel_mean) / self.pixel_std)
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> VTADLOutput:
+    def forward(
+        self, images: torch.Tensor, noise: torch.Tensor | None = None, grid: int = 0
+    ) -> VTADLOutput:
         """`noise`: standard normal draws shaped like the tokens, scaled by `noise_std` in
-        training (drawn here when not given), so a caller can make them reproducible."""
+        training (drawn here when not given), so a caller can make them reproducible.
+        `grid`: which shifted grid the images are (for a mixture per position)."""
         tokens = self.encode(images)
         if self.training and self.noise_std > 0:
             noise = torch.randn_like(tokens) if noise is None else noise.to(tokens)
@@ -78,7 +81,7 @@ class VTADL(nn.Module):
         reconstruction = self.decoder(tokens, self.grid_size)
         if self.mdn_detach:
             tokens = tokens.detach()
-        return VTADLOutput(tokens, reconstruction, self.mdn(tokens))
+        return VTADLOutput(tokens, reconstruction, self.mdn(tokens, grid))
 
 
 def build_model(config: ModelConfig) -> VTADL:
