@@ -124,6 +124,8 @@ SCORE_VARIANTS = {
     "em_s1": {"grid_shifts": 1, "mixture_fit": "em"},
     # The default kernel mixture on one grid.
     "kernel_s1": {"grid_shifts": 1},
+    # The smoothed map's maximum (the image score before session 17).
+    "max_s4": {"image_score": "max"},
     "log_top1": {"image_score": "top1pct"},
     "log_sigma2": {"smoothing_sigma": 2.0},
     "nll+recon": {"score": "nll+recon"},

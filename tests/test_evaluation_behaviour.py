@@ -30,7 +30,7 @@ from vtadl.data.images import MASK_THRESHOLD, load_mask
 from vtadl.data.mnist import MNIST_FILES, write_idx
 from vtadl.data.prepare import split_samples
 from vtadl.data.source import FileSource, PackSource, category_source
-from vtadl.evaluation import evaluate_run, predict
+from vtadl.evaluation import Scorer, evaluate_run, predict
 from vtadl.exceptions import VtadlError
 from vtadl.training import fit
 
@@ -381,3 +381,21 @@ def test_predict_names_an_unwritable_output_in_one_line(plate: Path, plate_run: 
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and str(target) in lines[0] and words in lines[0], result.output
+
+
+def test_the_peak_scores_an_image_by_its_highest_patch(plate_run: Path) -> None:
+    peak = evaluate_run(plate_run)  # the default image score
+    assert peak["image_score"] == "peak"
+    assert peak["image_auroc"] > 0.9  # the squares are plain to see
+    scorer = Scorer(plate_run)
+    src, cal = scorer.source, scorer.calibration
+    for i in (0, len(src.items("test")) - 1):
+        nll, _ = scorer.raw(src.model_input("test", i)[0])
+        highest = cal.nll.apply(nll, cal.scale).max()  # every shifted grid's patches
+        assert peak["images"][i]["score"] == pytest.approx(float(highest), rel=1e-6)
+    # The smoothed map's maximum is another number.
+    smoothed = evaluate_run(plate_run, eval_overrides={"image_score": "max"})
+    assert smoothed["images"][0]["score"] != peak["images"][0]["score"]
+    # With the reconstruction error in the map, the peak is the map's at model resolution.
+    both = evaluate_run(plate_run, eval_overrides={"score": "nll+recon"})
+    assert both["image_score"] == "peak" and 0 <= both["image_auroc"] <= 1

@@ -97,3 +97,9 @@ def test_grid_shifts_must_divide_the_patch() -> None:
     assert config.override(eval={"grid_shifts": 4}).eval.grid_shifts == 4
     with pytest.raises(ConfigError, match="grid_shifts must divide the patch size 8"):
         config.override(eval={"grid_shifts": 3})
+
+
+def test_the_default_image_score_is_the_peak() -> None:
+    from vtadl.config import default_config
+
+    assert default_config("vtadl_small").eval.image_score == "peak"

@@ -319,7 +319,9 @@ def evaluate(
         None, help="log (compress each score's tail) or linear, before standardising."
     ),
     image_score: str | None = typer.Option(
-        None, help="Image score from the map: max, mean, top1pct."
+        None,
+        help="Image score: peak (the map's highest value before smoothing), or the smoothed "
+        "map's max, mean or top1pct.",
     ),
     sigma: float | None = typer.Option(None, help="Smoothing of the map, in original pixels."),
     grid_shifts: int | None = typer.Option(

@@ -9,8 +9,9 @@ once the map is smoothed; the NLL is scaled on its grid and then bilinearly upsa
 part is then standardised with the mean and standard deviation it has on the validation
 images, so parts can be summed and a map reads as "standard deviations above normal". The
 map is upsampled to the image's original resolution and Gaussian-smoothed; metrics are
-computed there, against the masks at their own resolution. The image score is the map's
-maximum by default, as in the official MVTec evaluation.
+computed there, against the masks at their own resolution. The image score is by default
+the map's peak before upsampling and smoothing (`Scorer.scored`); the smoothed map's maximum,
+as in the official MVTec evaluation, is an option.
 """
 
 from __future__ import annotations
@@ -253,6 +254,25 @@ class Scorer:
             return to_original(small[0], shape, self.eval.smoothing_sigma)
         return _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
 
+    def scored(
+        self,
+        raw: tuple[np.ndarray, np.ndarray],
+        corners: np.ndarray | None,
+        shape: tuple[int, int],
+        calibration: Calibration | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """One image's map (as `image_map`) and its image score: from the map (max, mean,
+        top1pct), or its `peak` before upsampling and smoothing: for the NLL, the highest
+        standardised patch score on the image's token grids (every shift and tile); with the
+        reconstruction error, the highest value of the map at model resolution."""
+        cal = calibration or self.calibration
+        amap = self.image_map(raw, corners, shape, cal)
+        if self.eval.image_score != "peak":
+            return amap, image_score(amap, self.eval.image_score)
+        if self.eval.score == "nll":
+            return amap, float(cal.nll.apply(raw[0], cal.scale).max())
+        return amap, float(_standardised(*raw, cal, self.eval.score).max())
+
     def _calibrate(self) -> Calibration:
         """Standardisation and threshold from the validation images (normal, held out)."""
         src = self.source
@@ -262,11 +282,13 @@ class Scorer:
         nll = np.concatenate([r[0] for r in raws])
         rec = np.concatenate([r[1] for r in raws])
         base = Calibration.fit(nll, rec, self.eval.scale)
-        maps = [
-            self.image_map(raw, corners, item.shape, base)
-            for raw, (_, corners), item in zip(raws, inputs, items)
-        ]
-        threshold = max(image_score(m, self.eval.image_score) for m in maps)
+        maps, scores = zip(
+            *(
+                self.scored(raw, corners, item.shape, base)
+                for raw, (_, corners), item in zip(raws, inputs, items)
+            )
+        )
+        threshold = max(scores)
         low = float(np.median(np.concatenate([m.ravel() for m in maps])))
         return replace(
             base,
@@ -317,15 +339,17 @@ def evaluate_run(
     items = src.items("test")
     if not items:
         raise DataError(f"{c.data.dataset}/{c.data.category} has no test images")
-    maps, masks = [], []
+    maps, masks, scores = [], [], []
     for i, item in enumerate(items):
         inputs, corners = src.model_input("test", i)
-        maps.append(scorer.image_map(scorer.raw(inputs), corners, item.shape))
+        amap, score = scorer.scored(scorer.raw(inputs), corners, item.shape)
+        maps.append(amap)
+        scores.append(score)
         masks.append(src.mask("test", i))
         if progress:
             progress(i + 1, len(items))
     labels = np.array([it.label for it in items])
-    scores = np.array([image_score(m, scorer.eval.image_score) for m in maps])
+    scores = np.array(scores)
     absent = _why_no_pixel_metrics(c.data.dataset, labels, masks)
     blank = [it.name for it, m in zip(items, masks) if it.label == 1 and not m.any()]
     if blank and not absent:

@@ -22,7 +22,7 @@ import numpy as np
 from vtadl.data.images import load_image, resize_rgb
 from vtadl.data.samples import is_image_file
 from vtadl.data.tiles import cut_tiles
-from vtadl.evaluation import Scorer, image_score
+from vtadl.evaluation import Scorer
 from vtadl.exceptions import DataError, VtadlError
 from vtadl.visualize import save_heatmap
 
@@ -84,9 +84,9 @@ def _named_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return out
 
 
-def _score_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """An image file at full resolution and its map; a DataError naming the file when it
-    cannot be read or tiled."""
+def _score_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """An image file at full resolution, its map and its score; a DataError naming the file
+    when it cannot be read or tiled."""
     image = load_image(path)
     d, size = scorer.config.data, scorer.config.model.img_size
     if d.tile:
@@ -96,7 +96,7 @@ def _score_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"cannot tile {path}: {exc}") from None
     else:
         inputs, corners = resize_rgb(image, size)[None], None
-    return image, scorer.image_map(scorer.raw(inputs), corners, image.shape[:2])
+    return image, *scorer.scored(scorer.raw(inputs), corners, image.shape[:2])
 
 
 def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path) -> dict:
@@ -107,12 +107,11 @@ def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path
     scored, failed = [], []
     for path, name in named:
         try:
-            image, amap = _score_file(scorer, path)
+            image, amap, score = _score_file(scorer, path)
         except DataError as exc:
             log.info("skipped %s: %s", path, exc)
             failed.append({"image": str(path), "error": str(exc)})
             continue
-        score = image_score(amap, scorer.eval.image_score)
         with _writing(out / name) as target:
             save_heatmap(
                 target,

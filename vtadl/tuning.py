@@ -202,7 +202,7 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
     The run's own score and calibration (from its validation images) are used, as in
     `evaluate_run`; nothing is written to the run folder.
     """
-    from vtadl.evaluation import Scorer, image_score
+    from vtadl.evaluation import Scorer
 
     # An explicit override makes the Scorer calibrate afresh without writing calibration.json
     # (which belongs to the run's final evaluation).
@@ -210,10 +210,10 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
     scorer = Scorer(run_dir, checkpoint=checkpoint, eval_overrides={"score": config.eval.score})
     nll, rec = scorer.raw(split.images)
     shape = split.images.shape[1:3]
-    maps = [
-        scorer.image_map((nll[i : i + 1], rec[i : i + 1]), None, shape) for i in range(len(nll))
-    ]
-    scores = [image_score(m, scorer.eval.image_score) for m in maps]
+    maps, scores = zip(
+        *(scorer.scored((nll[i : i + 1], rec[i : i + 1]), None, shape) for i in range(len(nll)))
+    )
+    maps = list(maps)
     masks = list(split.masks)
     return {
         "au_pro": metrics.au_pro(maps, masks, fpr_limit=0.3),
