@@ -254,7 +254,7 @@ def test_a_kernel_by_position_scores_each_token_against_its_own_position_only() 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
-    """One epoch on scikit-learn's 3s (MNIST files: 1000 training digits, 120 test)."""
+    """One epoch on scikit-learn's 3s (MNIST files: 1000 training digits, 80 test)."""
     from sklearn.datasets import load_digits
 
     from vtadl.data.mnist import MNIST_FILES, write_idx
@@ -263,7 +263,7 @@ def digits_run(tmp_path_factory) -> Path:
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     labels = digits.target.astype(np.uint8)
-    parts = {"train": slice(0, 1000), "test": slice(1000, 1120)}
+    parts = {"train": slice(0, 1000), "test": slice(1000, 1080)}
     for split, rows in parts.items():
         write_idx(tmp / MNIST_FILES[f"{split}_images"], images[rows])
         write_idx(tmp / MNIST_FILES[f"{split}_labels"], labels[rows])
