@@ -266,15 +266,14 @@ def load_config(path: str | Path) -> Config:
 def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
     """A config as an earlier version stored it (a run's config.yaml, a checkpoint), with the
     fields added since set to what that version did, so old runs load and resume unchanged."""
-    train = raw.get("train")
-    if isinstance(train, dict) and "mixture_fit" not in train:
-        raw = {**raw, "train": {**train, "mixture_fit": "sgd"}}
-    evaluation = raw.get("eval")
-    if isinstance(evaluation, dict) and "grid_shifts" not in evaluation:
-        raw = {**raw, "eval": {**evaluation, "grid_shifts": 1}}
-    evaluation = raw.get("eval")
-    if isinstance(evaluation, dict) and "kernel_scope" not in evaluation:
-        raw = {**raw, "eval": {**evaluation, "kernel_scope": "image"}}
+    for section, key, then in (
+        ("train", "mixture_fit", "sgd"),
+        ("eval", "grid_shifts", 1),
+        ("eval", "kernel_scope", "image"),
+    ):
+        values = raw.get(section)
+        if isinstance(values, dict) and key not in values:
+            raw = {**raw, section: {**values, key: then}}
     return raw
 
 

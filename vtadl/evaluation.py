@@ -241,19 +241,6 @@ class Scorer:
     def raw(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return raw_scores(self.model, inputs, self.config, self.device)
 
-    def image_map(
-        self,
-        raw: tuple[np.ndarray, np.ndarray],
-        corners: np.ndarray | None,
-        shape: tuple[int, int],
-        calibration: Calibration | None = None,
-    ) -> np.ndarray:
-        """One image's map at its original resolution, from the raw scores of its input(s)."""
-        small = _standardised(*raw, calibration or self.calibration, self.eval.score)
-        if corners is None:
-            return to_original(small[0], shape, self.eval.smoothing_sigma)
-        return _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
-
     def scored(
         self,
         raw: tuple[np.ndarray, np.ndarray],
@@ -261,17 +248,22 @@ class Scorer:
         shape: tuple[int, int],
         calibration: Calibration | None = None,
     ) -> tuple[np.ndarray, float]:
-        """One image's map (as `image_map`) and its image score: from the map (max, mean,
-        top1pct), or its `peak` before upsampling and smoothing: for the NLL, the highest
-        standardised patch score on the image's token grids (every shift and tile); with the
-        reconstruction error, the highest value of the map at model resolution."""
+        """One image's map at its original resolution, from the raw scores of its input(s),
+        and its image score: from the map (max, mean, top1pct), or its `peak` before
+        upsampling and smoothing: for the NLL, the highest standardised patch score on the
+        image's token grids (every shift and tile); with the reconstruction error, the
+        highest value of the map at model resolution."""
         cal = calibration or self.calibration
-        amap = self.image_map(raw, corners, shape, cal)
+        small = _standardised(*raw, cal, self.eval.score)
+        if corners is None:
+            amap = to_original(small[0], shape, self.eval.smoothing_sigma)
+        else:
+            amap = _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
         if self.eval.image_score != "peak":
             return amap, image_score(amap, self.eval.image_score)
         if self.eval.score == "nll":
             return amap, float(cal.nll.apply(raw[0], cal.scale).max())
-        return amap, float(_standardised(*raw, cal, self.eval.score).max())
+        return amap, float(small.max())
 
     def _calibrate(self) -> Calibration:
         """Standardisation and threshold from the validation images (normal, held out)."""
