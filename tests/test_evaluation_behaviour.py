@@ -402,3 +402,18 @@ def test_the_peak_scores_an_image_by_its_highest_patch(plate_run: Path) -> None:
     raw = both.raw(src.model_input("test", 0)[0])
     small = _standardised(*raw, both.calibration, "nll+recon")
     assert both.scored(raw, None, item.shape)[1] == pytest.approx(float(small.max()))
+
+
+def test_images_scored_together_score_as_each_alone(tiled_run: Path) -> None:
+    # Evaluation scores several images (here four tiles each) in shared batches: each
+    # image's patch scores and reconstruction errors are its own, in its own order.
+    scorer = Scorer(tiled_run)
+    src = scorer.source
+    inputs = [src.model_input("test", i)[0] for i in (0, 1, len(src.items("test")) - 1)]
+    assert all(len(x) == 4 for x in inputs)
+    together = scorer.raw_many(inputs)
+    assert len(together) == len(inputs)
+    for x, (nll, rec) in zip(inputs, together):
+        alone_nll, alone_rec = scorer.raw(x)
+        np.testing.assert_allclose(nll, alone_nll, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(rec, alone_rec, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
+import vtadl.losses
 from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
 from vtadl.evaluation import Scorer, evaluate_run
 from vtadl.exceptions import ConfigError
-from vtadl.losses import mixture_nll
+from vtadl.losses import mixture_nll, reference_nll
 from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture
 from vtadl.model import Mixture, create_model
 from vtadl.training import (
@@ -41,6 +43,44 @@ def test_a_shared_mixture_takes_the_product_form_and_matches_the_elementwise_one
         x, Mixture(log_pi.expand(2, 5, 3), mu.expand(2, 5, 3, 7), log_var.expand(2, 5, 3, 7))
     )
     torch.testing.assert_close(shared, each)
+
+
+@pytest.mark.parametrize("positions", [1, 5], ids=["global", "per-position"])
+@pytest.mark.parametrize("loss", [mixture_nll, reference_nll])
+def test_a_kernel_is_scored_in_slices_as_if_whole(positions, loss, monkeypatch) -> None:
+    # Many components with one variance (a kernel), scored without a gradient a few
+    # components at a time (the log-sum kept running), against the elementwise form of the
+    # whole mixture in float64. Most components are hundreds of nats away from each token,
+    # as a kernel's are: their terms are far below the log-sum's floor.
+    monkeypatch.setattr(vtadl.losses, "CHUNK_PAIRS", 2 * 5 * 7)  # 7 components a slice
+    gen = torch.Generator().manual_seed(positions)
+    x = torch.randn(2, 5, 6, generator=gen) + 10
+    mu = torch.randn(1, positions, 40, 6, generator=gen) * 8 + 10
+    near = [1, 12, 30]  # components near tokens of the first image, in three slices
+    if positions == 1:
+        mu[0, 0, near] = x[0, :3] + 0.1
+    else:
+        mu[0][:, near] = x[0, :, None] + 0.1
+    log_var = torch.full((1, positions, 40, 6), -1.0)
+    log_pi = torch.full((1, positions, 40), -math.log(40))
+    with torch.no_grad():
+        sliced = loss(x, Mixture(log_pi, mu, log_var))
+    whole = loss(
+        x.double(),
+        Mixture(*(t.double().expand(2, 5, *t.shape[2:]) for t in (log_pi, mu, log_var))),
+    )
+    assert sliced.shape == (2, 5)
+    torch.testing.assert_close(sliced.double(), whole, rtol=1e-5, atol=1e-4)
+
+
+def test_the_log_sum_is_exact_with_terms_far_below_its_largest() -> None:
+    # Terms hundreds of nats apart (whose exp() alone would be subnormal or zero) and a row
+    # of -inf: as torch.logsumexp, to float32 precision.
+    a = torch.tensor([[0.0, -90.0, -500.0, -1e4], [-300.0, -300.5, -1e9, -1e9]])
+    a = torch.cat([a, torch.full((1, 4), -math.inf)])
+    got = vtadl.losses._logsumexp(a)
+    torch.testing.assert_close(got[:2], torch.logsumexp(a[:2].double(), -1).float())
+    assert got[2] == -math.inf
 
 
 def test_the_head_carries_the_em_fit_exactly() -> None:

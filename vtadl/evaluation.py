@@ -42,6 +42,10 @@ from vtadl.visualize import save_heatmap
 
 log = logging.getLogger(__name__)
 
+# Test and validation images are scored this many at a time (their tiles together): the
+# batches of the forward pass fill, and the maps of only this many are held unscored.
+IMAGES_PER_PASS = 8
+
 
 @dataclass(frozen=True)
 class Part:
@@ -241,6 +245,14 @@ class Scorer:
     def raw(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return raw_scores(self.model, inputs, self.config, self.device)
 
+    def raw_many(self, inputs: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The raw scores of several images (their inputs: one image, or its tiles each),
+        scored in shared batches: a mixture's per-call work (a kernel's tens of thousands
+        of Gaussians) is then spread over a whole batch, not repeated for every image."""
+        nll, rec = self.raw(np.concatenate(inputs))
+        cuts = np.cumsum([len(x) for x in inputs])[:-1]
+        return list(zip(np.split(nll, cuts), np.split(rec, cuts)))
+
     def scored(
         self,
         raw: tuple[np.ndarray, np.ndarray],
@@ -270,7 +282,11 @@ class Scorer:
         src = self.source
         items = src.items("val")
         inputs = [src.model_input("val", i) for i in range(len(items))]
-        raws = [self.raw(x) for x, _ in inputs]
+        raws = [
+            raw
+            for start in range(0, len(inputs), IMAGES_PER_PASS)
+            for raw in self.raw_many([x for x, _ in inputs[start : start + IMAGES_PER_PASS]])
+        ]
         nll = np.concatenate([r[0] for r in raws])
         rec = np.concatenate([r[1] for r in raws])
         base = Calibration.fit(nll, rec, self.eval.scale)
@@ -332,14 +348,17 @@ def evaluate_run(
     if not items:
         raise DataError(f"{c.data.dataset}/{c.data.category} has no test images")
     maps, masks, scores = [], [], []
-    for i, item in enumerate(items):
-        inputs, corners = src.model_input("test", i)
-        amap, score = scorer.scored(scorer.raw(inputs), corners, item.shape)
-        maps.append(amap)
-        scores.append(score)
-        masks.append(src.mask("test", i))
-        if progress:
-            progress(i + 1, len(items))
+    for start in range(0, len(items), IMAGES_PER_PASS):
+        idx = range(start, min(start + IMAGES_PER_PASS, len(items)))
+        inputs = [src.model_input("test", i) for i in idx]
+        raws = scorer.raw_many([x for x, _ in inputs])
+        for i, raw, (_, corners) in zip(idx, raws, inputs):
+            amap, score = scorer.scored(raw, corners, items[i].shape)
+            maps.append(amap)
+            scores.append(score)
+            masks.append(src.mask("test", i))
+            if progress:
+                progress(i + 1, len(items))
     labels = np.array([it.label for it in items])
     scores = np.array(scores)
     absent = _why_no_pixel_metrics(c.data.dataset, labels, masks)

@@ -38,25 +38,38 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
     """log N(x | mu_k, diag(exp(log_var_k))) for every token and component: (B, N, K).
 
     A global mixture (one for every token) takes the matrix-product form of the squared
-    distance, sum x^2/v - 2 x.mu/v + sum mu^2/v, instead of a (B, N, K, D) intermediate:
+    distance, sum x^2/v - 2 x.mu/v + sum mu^2/v (the middle term's product adding the
+    terms that do not depend on x in the same pass), instead of a (B, N, K, D) intermediate:
     hundreds of Gaussians over 256 tokens would otherwise need gigabytes. Both sides are
     first moved by the means' centre, so that the three terms stay small and their float32
     rounding does not swamp the distance of a token to a near component (a kernel mixture).
     A mixture per position that the batch shares (a kernel by position) takes the same form
-    per position, as one batched product.
+    per position, as one batched product. Components that share one variance (a kernel)
+    need one product instead of two: the first term is then the same for all of them.
     """
+    d_log_2pi = x.shape[-1] * _LOG_2PI
     if mix.mu.shape[:2] == (1, 1):
         inv = torch.exp(-log_var[0, 0])  # (K, D)
         centre = mix.mu[0, 0].mean(0).detach()
         mu, x = mix.mu[0, 0] - centre, x - centre
-        sq = x.square() @ inv.T - 2 * x @ (mu * inv).T + (mu.square() * inv).sum(-1)
-        out = -0.5 * (sq + log_var[0, 0].sum(-1) + x.shape[-1] * _LOG_2PI)
+        # -0.5 * (the distance's last two terms + log det + D log 2 pi), in one product
+        bias = -0.5 * ((mu.square() * inv).sum(-1) + log_var[0, 0].sum(-1) + d_log_2pi)
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), (mu * inv).T)
+        out = out.view(*x.shape[:-1], -1)
+        if _shared(inv):
+            out = out - 0.5 * (x.square() @ inv[0])[..., None]
+        else:
+            out = out - 0.5 * (x.square() @ inv.T)
     elif mix.mu.shape[0] == 1:  # a mixture per position, shared by the batch: per position
         inv = torch.exp(-log_var[0])  # (N, K, D)
         centre = mix.mu[0].mean(1, keepdim=True).detach()
         mu, x = mix.mu[0] - centre, (x - centre.transpose(0, 1)).transpose(0, 1)  # (N, B, D)
-        sq = x.square() @ inv.mT - 2 * x @ (mu * inv).mT + (mu.square() * inv).sum(-1)[:, None]
-        out = -0.5 * (sq + log_var[0].sum(-1)[:, None] + x.shape[-1] * _LOG_2PI)
+        bias = -0.5 * ((mu.square() * inv).sum(-1) + log_var[0].sum(-1) + d_log_2pi)
+        out = torch.baddbmm(bias[:, None], x, (mu * inv).mT)  # (N, B, K)
+        if _shared(inv):
+            out = out - 0.5 * (x.square() * inv[:, :1]).sum(-1, keepdim=True)
+        else:
+            out = out - 0.5 * (x.square() @ inv.mT)
         out = out.transpose(0, 1)  # (B, N, K)
     else:
         sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)
@@ -66,10 +79,57 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
     return out
 
 
+def _shared(inv: torch.Tensor) -> bool:
+    """Whether the components (dimension -2) all have the same variances, outside autograd
+    (a trained mixture's variances differ, and its gradient needs the general form)."""
+    return not inv.requires_grad and bool((inv == inv[..., :1, :]).all())
+
+
+# Without a gradient, a mixture of many components (a kernel: tens of thousands) is
+# evaluated this many token-component pairs at a time, its log-sum kept running: the
+# intermediates stay tens of MB instead of GB, which the allocator would otherwise page in
+# and out on every batch.
+CHUNK_PAIRS = 1 << 22
+
+
+def _chunks(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor):
+    """(log_pi, log N) for slices of the components, (B, N, k) each: the whole mixture in
+    one when a gradient is needed or it is small."""
+    k = mix.mu.shape[-2]
+    step = max(1, CHUNK_PAIRS // max(1, x.shape[0] * x.shape[1]))
+    if torch.is_grad_enabled() or k <= step:
+        yield mix.log_pi, _component_log_density(x, mix, log_var)
+        return
+    for a in range(0, k, step):
+        part = Mixture(mix.log_pi[..., a : a + step], mix.mu[..., a : a + step, :], None)
+        yield part.log_pi, _component_log_density(x, part, log_var[..., a : a + step, :])
+
+
+# Terms this far (in nats) below a log-sum's largest add less than 1e-34 of it each: they
+# are counted as exactly that much. exp() of anything below about -87 is a subnormal float,
+# which x86 computes about ten times slower (a kernel's far components are nearly all such).
+_LOGSUM_FLOOR = -80.0
+
+
+def _logsumexp(a: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last dimension, as torch.logsumexp, with terms below the floor
+    raised to it (a relative change under 1e-30 for 10^4 such terms)."""
+    top = a.detach().amax(-1, keepdim=True)
+    finite = torch.isfinite(top)
+    z = a - torch.where(finite, top, torch.zeros_like(top))
+    z = z.clamp(min=_LOGSUM_FLOOR).exp() if z.requires_grad else z.clamp_(min=_LOGSUM_FLOOR).exp_()
+    # a row of -inf (no weight anywhere) or with +inf keeps that as its value
+    return torch.where(finite[..., 0], z.sum(-1).log() + top[..., 0], top[..., 0])
+
+
 def mixture_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
     """True mixture NLL, -log sum_k pi_k N_k(x), via logsumexp."""
     log_var = mix.log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX)
-    return -torch.logsumexp(mix.log_pi + _component_log_density(x, mix, log_var), dim=-1)
+    total = None
+    for log_pi, density in _chunks(x, mix, log_var):
+        part = _logsumexp(log_pi + density)
+        total = part if total is None else torch.logaddexp(total, part)
+    return -total
 
 
 def reference_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
@@ -79,7 +139,7 @@ def reference_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
     inequality this is an upper bound on the true mixture NLL.
     """
     log_var = F.softplus(mix.log_var)
-    return -(mix.log_pi.exp() * _component_log_density(x, mix, log_var)).sum(-1)
+    return -sum((log_pi.exp() * density).sum(-1) for log_pi, density in _chunks(x, mix, log_var))
 
 
 MDN_LOSS_FUNCTIONS = {"mixture": mixture_nll, "reference": reference_nll}

@@ -22,7 +22,7 @@ import numpy as np
 from vtadl.data.images import load_image, resize_rgb
 from vtadl.data.samples import is_image_file
 from vtadl.data.tiles import cut_tiles
-from vtadl.evaluation import Scorer
+from vtadl.evaluation import IMAGES_PER_PASS, Scorer
 from vtadl.exceptions import DataError, VtadlError
 from vtadl.visualize import save_heatmap
 
@@ -84,9 +84,10 @@ def _named_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return out
 
 
-def _score_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    """An image file at full resolution, its map and its score; a DataError naming the file
-    when it cannot be read or tiled."""
+def _read_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """An image file at full resolution, the model's inputs for it (the image resized, or its
+    tiles) and the tiles' corners; a DataError naming the file when it cannot be read or
+    tiled."""
     image = load_image(path)
     d, size = scorer.config.data, scorer.config.model.img_size
     if d.tile:
@@ -96,43 +97,51 @@ def _score_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, flo
             raise DataError(f"cannot tile {path}: {exc}") from None
     else:
         inputs, corners = resize_rgb(image, size)[None], None
-    return image, *scorer.scored(scorer.raw(inputs), corners, image.shape[:2])
+    return image, inputs, corners
+
+
+def _write_map(out: Path, path: Path, name: Path, image, amap, score: float, cal) -> dict:
+    """An image's heat map, written under `out`, and its entry in scores.json."""
+    with _writing(out / name) as target:
+        save_heatmap(
+            target,
+            image,
+            amap,
+            name=str(path),
+            score=score,
+            threshold=cal.image_threshold,
+            low=cal.display_low,
+            high=cal.display_high,
+        )
+    peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    return {
+        "image": str(path),
+        "heatmap": name.as_posix(),
+        "score": score,
+        "anomalous": score > cal.image_threshold,
+        "max_at": [int(peak[0]), int(peak[1])],
+    }
 
 
 def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path) -> dict:
-    """A heat map for each image and out/scores.json, which this returns."""
+    """A heat map for each image and out/scores.json, which this returns. Images are read
+    and scored IMAGES_PER_PASS at a time."""
     named = _named_inputs(inputs)
     out = _output_folder(Path(out))
     cal = scorer.calibration
     scored, failed = [], []
-    for path, name in named:
-        try:
-            image, amap, score = _score_file(scorer, path)
-        except DataError as exc:
-            log.info("skipped %s: %s", path, exc)
-            failed.append({"image": str(path), "error": str(exc)})
-            continue
-        with _writing(out / name) as target:
-            save_heatmap(
-                target,
-                image,
-                amap,
-                name=str(path),
-                score=score,
-                threshold=cal.image_threshold,
-                low=cal.display_low,
-                high=cal.display_high,
-            )
-        peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
-        scored.append(
-            {
-                "image": str(path),
-                "heatmap": name.as_posix(),
-                "score": score,
-                "anomalous": score > cal.image_threshold,
-                "max_at": [int(peak[0]), int(peak[1])],
-            }
-        )
+    for start in range(0, len(named), IMAGES_PER_PASS):
+        read = []
+        for path, name in named[start : start + IMAGES_PER_PASS]:
+            try:
+                read.append((path, name, *_read_file(scorer, path)))
+            except DataError as exc:
+                log.info("skipped %s: %s", path, exc)
+                failed.append({"image": str(path), "error": str(exc)})
+        raws = scorer.raw_many([inputs for *_, inputs, _ in read]) if read else []
+        for (path, name, image, _, corners), raw in zip(read, raws):
+            amap, score = scorer.scored(raw, corners, image.shape[:2])
+            scored.append(_write_map(out, path, name, image, amap, score, cal))
     result = {
         "run_dir": str(scorer.run_dir),
         "threshold": cal.image_threshold,
