@@ -124,10 +124,10 @@ def em_run(demo_root: Path, tmp_path_factory) -> Path:
     return fit(config)
 
 
-def test_the_default_is_a_kernel_mixture_on_the_interleaved_grid() -> None:
+def test_the_default_is_a_kernel_mixture_on_the_interleaved_grids() -> None:
     for variant in ("vtadl_paper", "vtadl_small", "vtadl_tiny"):
         config = default_config(variant)
-        assert config.train.mixture_fit == "kernel" and config.eval.grid_shifts == 2
+        assert config.train.mixture_fit == "kernel" and config.eval.grid_shifts == 4
         assert config.model.mdn_detach and config.model.mdn_condition == "global"
 
 
@@ -185,11 +185,12 @@ def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
     raw = default_config("vtadl_tiny").to_dict()
     raw["model"].update(mdn_condition="token", mdn_detach=False)
     del raw["train"]["mixture_fit"]
-    del raw["eval"]["grid_shifts"], raw["eval"]["kernel_scope"]
+    del raw["eval"]["grid_shifts"], raw["eval"]["kernel_scope"], raw["eval"]["peak_patches"]
     config = Config.from_dict(upgrade_stored(raw))
     assert config.train.mixture_fit == "sgd" and config.model.mdn_condition == "token"
     assert config.eval.grid_shifts == 1  # scored on one grid, as then
     assert config.eval.kernel_scope == "image"  # a kernel then took every training token
+    assert config.eval.peak_patches == 1  # the peak was the single highest patch score
 
 
 def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour() -> None:

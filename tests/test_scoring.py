@@ -102,4 +102,5 @@ def test_grid_shifts_must_divide_the_patch() -> None:
 def test_the_default_image_score_is_the_peak() -> None:
     from vtadl.config import default_config
 
-    assert default_config("vtadl_small").eval.image_score == "peak"
+    config = default_config("vtadl_small").eval
+    assert config.image_score == "peak" and config.peak_patches == 10

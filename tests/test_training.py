@@ -243,8 +243,8 @@ def test_grid_shifts_give_a_finer_map_and_are_recorded(make_config) -> None:
     run = fit(make_config(epochs=1))
     plain = evaluate_run(run, eval_overrides={"grid_shifts": 1})
     shifted = evaluate_run(run)  # the default
-    assert plain["grid_shifts"] == 1 and shifted["grid_shifts"] == 2
-    assert json.loads((run / "metrics.json").read_text())["grid_shifts"] == 2
+    assert plain["grid_shifts"] == 1 and shifted["grid_shifts"] == 4
+    assert json.loads((run / "metrics.json").read_text())["grid_shifts"] == 4
     for key in ("image_auroc", "pixel_auroc", "au_pro"):
         assert 0 <= shifted[key] <= 1
     assert shifted["pixel_auroc"] != plain["pixel_auroc"]  # other offsets were scored

@@ -320,8 +320,11 @@ def evaluate(
     ),
     image_score: str | None = typer.Option(
         None,
-        help="Image score: peak (the map's highest value before smoothing), or the smoothed "
-        "map's max, mean or top1pct.",
+        help="Image score: peak (the highest patch scores before smoothing), or the "
+        "smoothed map's max, mean or top1pct.",
+    ),
+    peak_patches: int | None = typer.Option(
+        None, help="The peak is the mean of this many highest patch scores (1: the highest)."
     ),
     sigma: float | None = typer.Option(None, help="Smoothing of the map, in original pixels."),
     grid_shifts: int | None = typer.Option(
@@ -340,6 +343,7 @@ def evaluate(
         "score": score,
         "scale": score_scale,
         "image_score": image_score,
+        "peak_patches": peak_patches,
         "smoothing_sigma": sigma,
         "grid_shifts": grid_shifts,
         "kernel_scope": kernel_scope,

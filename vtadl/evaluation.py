@@ -168,14 +168,18 @@ def to_original(amap: np.ndarray, shape: tuple[int, int], sigma: float) -> np.nd
     return gaussian_filter(out, sigma) if sigma > 0 else out
 
 
+def _mean_of_highest(values: np.ndarray, k: int) -> float:
+    flat = values.ravel()
+    k = min(k, flat.size)
+    return float(np.partition(flat, flat.size - k)[-k:].mean())
+
+
 def image_score(amap: np.ndarray, how: str = "max") -> float:
     if how == "max":
         return float(amap.max())
     if how == "mean":
         return float(amap.mean())
-    flat = amap.ravel()
-    k = max(1, flat.size // 100)
-    return float(np.partition(flat, flat.size - k)[-k:].mean())
+    return _mean_of_highest(amap, max(1, amap.size // 100))
 
 
 def _smooth(amap: np.ndarray, sigma: float) -> np.ndarray:
@@ -262,9 +266,9 @@ class Scorer:
     ) -> tuple[np.ndarray, float]:
         """One image's map at its original resolution, from the raw scores of its input(s),
         and its image score: from the map (max, mean, top1pct), or its `peak` before
-        upsampling and smoothing: for the NLL, the highest standardised patch score on the
-        image's token grids (every shift and tile); with the reconstruction error, the
-        highest value of the map at model resolution."""
+        upsampling and smoothing: for the NLL, the mean of the `eval.peak_patches` highest
+        standardised patch scores on the image's token grids (every shift and tile); with
+        the reconstruction error, of the highest values of the map at model resolution."""
         cal = calibration or self.calibration
         small = _standardised(*raw, cal, self.eval.score)
         if corners is None:
@@ -273,9 +277,8 @@ class Scorer:
             amap = _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
         if self.eval.image_score != "peak":
             return amap, image_score(amap, self.eval.image_score)
-        if self.eval.score == "nll":
-            return amap, float(cal.nll.apply(raw[0], cal.scale).max())
-        return amap, float(small.max())
+        values = cal.nll.apply(raw[0], cal.scale) if self.eval.score == "nll" else small
+        return amap, _mean_of_highest(values, self.eval.peak_patches)
 
     def _calibrate(self) -> Calibration:
         """Standardisation and threshold from the validation images (normal, held out)."""
@@ -383,6 +386,7 @@ def evaluate_run(
         "score": scorer.eval.score,
         "score_scale": scorer.eval.scale,
         "image_score": scorer.eval.image_score,
+        "peak_patches": scorer.eval.peak_patches,
         "smoothing_sigma": scorer.eval.smoothing_sigma,
         "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,
