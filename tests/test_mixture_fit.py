@@ -17,7 +17,7 @@ from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
 from vtadl.evaluation import Scorer, evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.losses import mixture_nll, reference_nll
-from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture
+from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture, training_tokens
 from vtadl.model import Mixture, create_model
 from vtadl.training import (
     fit,
@@ -237,6 +237,27 @@ def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
     (em_run / "mixture_best.npz").unlink(missing_ok=True)
     Scorer(em_run)
     assert sizes[0] == 4 * sizes[1]  # every training image at 2 x 2 offsets
+
+
+def test_a_kernel_keeps_up_to_its_own_cap_of_tokens_and_em_fewer(em_run: Path, monkeypatch) -> None:
+    from vtadl import mixture_fit
+
+    scorer = Scorer(em_run)
+    model, source, device = scorer.model, scorer.source, scorer.device
+    every = training_tokens(model, source, device, 0, 2, most=10**9)
+    n = len(every)
+    assert n == 4 * 16 * len(source.items("train"))  # 2 x 2 grids of 4 x 4 tokens
+    monkeypatch.setattr(mixture_fit, "MAX_TOKENS", n // 4)
+    monkeypatch.setattr(mixture_fit, "MAX_KERNEL_TOKENS", n // 2)
+
+    def kernel() -> np.ndarray:
+        args = (model, em_run, "best.pt", 0, source, device, 0)
+        return mixture_fit.fitted_mixture(*args, how="kernel", shifts=2)["mu"]
+
+    assert len(kernel()) == n // 2
+    assert len(training_tokens(model, source, device, 0, 2)) == n // 4  # what EM is fitted to
+    monkeypatch.setattr(mixture_fit, "MAX_KERNEL_TOKENS", n)
+    np.testing.assert_array_equal(kernel(), every)  # all of them, in order
 
 
 def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> None:
