@@ -93,7 +93,14 @@ def training_tokens(
     tokens = np.concatenate(out)
     if by_position:
         return _draw(tokens, MAX_POSITION_IMAGES, seed)
-    return _draw(tokens.reshape(-1, tokens.shape[-1]), most or MAX_TOKENS, seed)
+    flat, most = tokens.reshape(-1, tokens.shape[-1]), most or MAX_TOKENS
+    if len(flat) > most:
+        log.info(
+            "the mixture is built from %d of the %d training tokens, drawn at random",
+            most,
+            len(flat),
+        )
+    return _draw(flat, most, seed)
 
 
 def _draw(rows: np.ndarray, most: int, seed: int) -> np.ndarray:
