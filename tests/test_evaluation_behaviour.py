@@ -303,6 +303,9 @@ def test_train_on_mnist_prints_image_auroc_and_why_pixel_metrics_are_absent(tmp_
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["pixel_auroc"] is None and saved["au_pro"] is None
     assert 0 <= saved["image_auroc"] <= 1
+    # Digits of another class are anomalies of the whole image: the default image score
+    # adds the reconstruction error to the peak there.
+    assert saved["image_score"] == "peak+recon" and saved["recon_weight"] == 0.3
 
 
 def test_evaluate_with_empty_masks_prints_image_auroc_and_the_reason(tmp_path: Path) -> None:
@@ -409,6 +412,60 @@ def test_the_peak_scores_an_image_by_its_highest_patches(plate_run: Path) -> Non
     raw = both.raw(src.model_input("test", 0)[0])
     small = np.sort(_standardised(*raw, both.calibration, "nll+recon").ravel())
     assert both.scored(raw, None, item.shape)[1] == pytest.approx(float(small[-10:].mean()))
+
+
+@pytest.fixture(scope="module")
+def three_val_run(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 epoch, with 3 of the 10 training images held out for validation."""
+    config = plate_config(plate, tmp_path_factory.mktemp("runs"), val_fraction=0.3)
+    return fit(config.override(train={"epochs": 1}))
+
+
+def test_peak_plus_recon_adds_the_standardised_reconstruction_error(three_val_run: Path) -> None:
+    plate_run = three_val_run
+    def parts(scorer: Scorer, split: str) -> tuple[np.ndarray, np.ndarray]:
+        src, cal = scorer.source, scorer.calibration
+        raws = [scorer.raw(src.model_input(split, i)[0]) for i in range(len(src.items(split)))]
+        peaks = [np.sort(cal.nll.apply(r[0], cal.scale).ravel())[-10:].mean() for r in raws]
+        return np.array(peaks), np.array([np.log(r[1].mean()) for r in raws])
+
+    both = Scorer(plate_run, eval_overrides={"image_score": "peak+recon"})
+    heavier = Scorer(plate_run, eval_overrides={"image_score": "peak+recon", "recon_weight": 2})
+    val_peak, val_rec = parts(both, "val")
+    test_peak, test_rec = parts(both, "test")
+    z_peak = (test_peak - val_peak.mean()) / val_peak.std()
+    z_rec = (test_rec - val_rec.mean()) / val_rec.std()
+    src = both.source
+    for i, item in enumerate(src.items("test")):
+        raw = both.raw(src.model_input("test", i)[0])
+        score = both.scored(raw, None, item.shape)[1]
+        assert score == pytest.approx(z_peak[i] + 0.3 * z_rec[i], rel=1e-3, abs=1e-3)
+        assert heavier.scored(raw, None, item.shape)[1] == pytest.approx(
+            z_peak[i] + 2 * z_rec[i], rel=1e-3, abs=1e-3
+        )
+    # The threshold is the highest validation image's score, in the same units.
+    expected = ((val_peak - val_peak.mean()) / val_peak.std()) + 0.3 * (
+        (val_rec - val_rec.mean()) / val_rec.std()
+    )
+    assert both.calibration.image_threshold == pytest.approx(expected.max(), rel=1e-4)
+    result = evaluate_run(plate_run, eval_overrides={"image_score": "peak+recon"})
+    assert result["image_score"] == "peak+recon"
+    assert [im["score"] for im in result["images"]] == pytest.approx(
+        list(z_peak + 0.3 * z_rec), rel=1e-3, abs=1e-3
+    )
+
+
+def test_a_calibration_written_before_image_level_parts_is_made_afresh(
+    three_val_run: Path,
+) -> None:
+    run = three_val_run
+    path = run / "calibration.json"
+    Scorer(run)
+    current = json.loads(path.read_text())
+    old = {k: v for k, v in current.items() if k not in ("image_peak", "image_rec")}
+    path.write_text(json.dumps(old))
+    Scorer(run)
+    assert json.loads(path.read_text()) == current
 
 
 def test_images_scored_together_score_as_each_alone(tiled_run: Path) -> None:

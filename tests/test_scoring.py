@@ -99,8 +99,16 @@ def test_grid_shifts_must_divide_the_patch() -> None:
         config.override(eval={"grid_shifts": 3})
 
 
-def test_the_default_image_score_is_the_peak() -> None:
-    from vtadl.config import default_config
+def test_the_default_image_score_is_the_peak_plus_recon_for_digits_only() -> None:
+    from vtadl.config import default_config, resolved_image_score
+    from vtadl.exceptions import ConfigError
 
-    config = default_config("vtadl_small").eval
-    assert config.image_score == "peak" and config.peak_patches == 10
+    config = default_config("vtadl_small")
+    assert config.eval.image_score == "auto" and config.eval.peak_patches == 10
+    assert resolved_image_score(config) == "peak"
+    for dataset, resolved in (("mnist", "peak+recon"), ("btad", "peak"), ("folder", "peak")):
+        assert resolved_image_score(config.override(data={"dataset": dataset})) == resolved
+    chosen = config.override(data={"dataset": "mnist"}, eval={"image_score": "peak"})
+    assert resolved_image_score(chosen) == "peak"
+    with pytest.raises(ConfigError, match="recon_weight must not be negative"):
+        config.override(eval={"recon_weight": -1})

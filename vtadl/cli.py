@@ -320,8 +320,9 @@ def evaluate(
     ),
     image_score: str | None = typer.Option(
         None,
-        help="Image score: peak (the highest patch scores before smoothing), or the "
-        "smoothed map's max, mean or top1pct.",
+        help="Image score: peak (the highest patch scores before smoothing), peak+recon "
+        "(plus the image's reconstruction error), auto (peak+recon for mnist, else peak), "
+        "or the smoothed map's max, mean or top1pct.",
     ),
     peak_patches: int | None = typer.Option(
         None, help="The peak is the mean of this many highest patch scores (1: the highest)."

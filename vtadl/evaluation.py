@@ -10,8 +10,10 @@ part is then standardised with the mean and standard deviation it has on the val
 images, so parts can be summed and a map reads as "standard deviations above normal". The
 map is upsampled to the image's original resolution and Gaussian-smoothed; metrics are
 computed there, against the masks at their own resolution. The image score is by default
-the map's peak before upsampling and smoothing (`Scorer.scored`); the smoothed map's maximum,
-as in the official MVTec evaluation, is an option.
+the map's peak before upsampling and smoothing (`Scorer.scored`); for the MNIST layout the peak
+plus 0.3 times the log of the image's mean squared reconstruction error, both standardised on the
+validation images (`peak+recon`); the smoothed map's maximum, as in the official MVTec
+evaluation, is an option.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from vtadl import metrics
-from vtadl.config import FITTED_AFTER_TRAINING, Config, EvalConfig, kernel_scope
+from vtadl.config import (
+    FITTED_AFTER_TRAINING,
+    Config,
+    EvalConfig,
+    kernel_scope,
+    resolved_image_score,
+)
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import stitch_tiles
@@ -68,6 +76,22 @@ class Part:
         return cls(floor, spread, float(scaled.mean()), float(scaled.std()) + 1e-8)
 
 
+_UNSCALED = Part(0.0, 1.0, 0.0, 1.0)
+
+
+def _image_part(values: list[float]) -> Part:
+    """Standardisation of one image-level score by its values on the validation images
+    (by their mean only, with fewer than two: a spread needs two)."""
+    if len(values) < 2:
+        log.warning(
+            "peak+recon weighs its two parts by their spread over the validation images, "
+            "and %d is too few: they are added unweighed (raise data.val_fraction)",
+            len(values),
+        )
+        return Part(0.0, 1.0, float(np.mean(values)), 1.0)
+    return Part(0.0, 1.0, float(np.mean(values)), max(float(np.std(values)), 1e-6))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Statistics of the validation (normal) images: standardisation and thresholds."""
@@ -78,6 +102,10 @@ class Calibration:
     image_threshold: float  # the highest image score among the validation images
     display_low: float
     display_high: float
+    # The image score "peak+recon" standardises its two parts, the peak and the log of the
+    # mean squared reconstruction error, by their spread over the validation images.
+    image_peak: Part
+    image_rec: Part
 
     @classmethod
     def fit(cls, nll: np.ndarray, rec: np.ndarray, scale: str) -> Calibration:
@@ -93,6 +121,8 @@ class Calibration:
             image_threshold=0.0,
             display_low=0.0,
             display_high=1.0,
+            image_peak=_UNSCALED,
+            image_rec=_UNSCALED,
         )
 
     def to_dict(self) -> dict:
@@ -101,7 +131,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, raw: dict) -> Calibration:
         raw = dict(raw)
-        raw["nll"], raw["rec"] = Part(**raw["nll"]), Part(**raw["rec"])
+        for name in ("nll", "rec", "image_peak", "image_rec"):
+            raw[name] = Part(**raw[name])
         return cls(**raw)
 
 
@@ -172,6 +203,11 @@ def _mean_of_highest(values: np.ndarray, k: int) -> float:
     flat = values.ravel()
     k = min(k, flat.size)
     return float(np.partition(flat, flat.size - k)[-k:].mean())
+
+
+def _log_mse(rec: np.ndarray) -> float:
+    """The log of an image's mean squared reconstruction error (over its tiles, if any)."""
+    return float(np.log(rec.mean() + 1e-12))
 
 
 def image_score(amap: np.ndarray, how: str = "max") -> float:
@@ -268,17 +304,27 @@ class Scorer:
         and its image score: from the map (max, mean, top1pct), or its `peak` before
         upsampling and smoothing: for the NLL, the mean of the `eval.peak_patches` highest
         standardised patch scores on the image's token grids (every shift and tile); with
-        the reconstruction error, of the highest values of the map at model resolution."""
+        the reconstruction error, of the highest values of the map at model resolution.
+        `peak+recon` adds `eval.recon_weight` times the log of the image's mean squared
+        reconstruction error, both parts standardised on the validation images."""
         cal = calibration or self.calibration
         small = _standardised(*raw, cal, self.eval.score)
         if corners is None:
             amap = to_original(small[0], shape, self.eval.smoothing_sigma)
         else:
             amap = _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
-        if self.eval.image_score != "peak":
-            return amap, image_score(amap, self.eval.image_score)
+        how = resolved_image_score(self.config)
+        if how not in ("peak", "peak+recon"):
+            return amap, image_score(amap, how)
+        peak = self._peak(raw, small, cal)
+        if how == "peak":
+            return amap, peak
+        rec = cal.image_rec.apply(_log_mse(raw[1]), "linear")
+        return amap, float(cal.image_peak.apply(peak, "linear") + self.eval.recon_weight * rec)
+
+    def _peak(self, raw: tuple[np.ndarray, np.ndarray], small: np.ndarray, cal: Calibration):
         values = cal.nll.apply(raw[0], cal.scale) if self.eval.score == "nll" else small
-        return amap, _mean_of_highest(values, self.eval.peak_patches)
+        return _mean_of_highest(values, self.eval.peak_patches)
 
     def _calibrate(self) -> Calibration:
         """Standardisation and threshold from the validation images (normal, held out)."""
@@ -293,6 +339,15 @@ class Scorer:
         nll = np.concatenate([r[0] for r in raws])
         rec = np.concatenate([r[1] for r in raws])
         base = Calibration.fit(nll, rec, self.eval.scale)
+        if resolved_image_score(self.config) == "peak+recon":
+            peaks = [
+                self._peak(raw, _standardised(*raw, base, self.eval.score), base) for raw in raws
+            ]
+            base = replace(
+                base,
+                image_peak=_image_part(peaks),
+                image_rec=_image_part([_log_mse(raw[1]) for raw in raws]),
+            )
         maps, scores = zip(
             *(
                 self.scored(raw, corners, item.shape, base)
@@ -385,8 +440,9 @@ def evaluate_run(
         "threshold": scorer.calibration.image_threshold,
         "score": scorer.eval.score,
         "score_scale": scorer.eval.scale,
-        "image_score": scorer.eval.image_score,
+        "image_score": resolved_image_score(c),
         "peak_patches": scorer.eval.peak_patches,
+        "recon_weight": scorer.eval.recon_weight,
         "smoothing_sigma": scorer.eval.smoothing_sigma,
         "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vtadl.config import resolved_image_score
 from vtadl.data.images import load_image, resize_rgb
 from vtadl.data.samples import is_image_file
 from vtadl.data.tiles import cut_tiles
@@ -145,7 +146,7 @@ def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path
     result = {
         "run_dir": str(scorer.run_dir),
         "threshold": cal.image_threshold,
-        "image_score": scorer.eval.image_score,
+        "image_score": resolved_image_score(scorer.config),
         "images": scored,
         "failed": failed,
     }
