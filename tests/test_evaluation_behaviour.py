@@ -423,6 +423,7 @@ def three_val_run(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_peak_plus_recon_adds_the_standardised_reconstruction_error(three_val_run: Path) -> None:
     plate_run = three_val_run
+
     def parts(scorer: Scorer, split: str) -> tuple[np.ndarray, np.ndarray]:
         src, cal = scorer.source, scorer.calibration
         raws = [scorer.raw(src.model_input(split, i)[0]) for i in range(len(src.items(split)))]
