@@ -16,7 +16,7 @@ import vtadl.losses
 from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
 from vtadl.evaluation import Scorer, evaluate_run
 from vtadl.exceptions import ConfigError
-from vtadl.losses import mixture_nll, reference_nll
+from vtadl.losses import Kernel, mixture_nll, reference_nll
 from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture, training_tokens
 from vtadl.model import Mixture, create_model
 from vtadl.training import (
@@ -71,6 +71,51 @@ def test_a_kernel_is_scored_in_slices_as_if_whole(positions, loss, monkeypatch) 
     )
     assert sliced.shape == (2, 5)
     torch.testing.assert_close(sliced.double(), whole, rtol=1e-5, atol=1e-4)
+
+
+def test_a_prepared_kernel_scores_the_mixture_nll(monkeypatch) -> None:
+    # The scoring path of a kernel (whitened once, per-component constants after the
+    # log-sum) against the elementwise form of the whole mixture in float64: tokens near
+    # a component, in several slices, and tokens far from all of them.
+    monkeypatch.setattr(vtadl.losses, "CHUNK_PAIRS", 2 * 5 * 7)  # 7 components a slice
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, generator=gen) * 3 + 10
+    mu = torch.randn(1, 1, 40, 6, generator=gen) * 3 + 10
+    mu[0, 0, [1, 12, 30]] = x[0, :3] + 0.1
+    log_var = torch.log(torch.rand(6, generator=gen) + 0.05).expand(1, 1, 40, 6)
+    log_pi = torch.full((1, 1, 40), -math.log(40))
+    mixture = Mixture(log_pi, mu, log_var)
+    assert Kernel.fits(mixture)
+    got = Kernel(mixture).nll(x)
+    whole = mixture_nll(
+        x.double(),
+        Mixture(*(t.double().expand(2, 5, *t.shape[2:]) for t in (log_pi, mu, log_var))),
+    )
+    assert got.shape == (2, 5)
+    torch.testing.assert_close(got.double(), whole, rtol=1e-5, atol=1e-4)
+    # Unequal weights or variances (an EM fit) are not a kernel; nor one mixture per position.
+    assert not Kernel.fits(Mixture(torch.log_softmax(torch.randn(1, 1, 40), -1), mu, log_var))
+    assert not Kernel.fits(Mixture(log_pi, mu, log_var + torch.rand(1, 1, 40, 1)))
+    per_position = Mixture(
+        log_pi.expand(1, 5, 40), mu.expand(1, 5, 40, 6), log_var.expand(1, 5, 40, 6)
+    )
+    assert not Kernel.fits(per_position)
+
+
+def test_a_kernel_run_is_scored_by_the_prepared_kernel_as_by_the_mixture(em_run: Path) -> None:
+    from vtadl.evaluation import raw_scores
+
+    scorer = Scorer(em_run, mixture_fit="kernel")
+    assert isinstance(scorer.kernel, Kernel)
+    assert Scorer(em_run).kernel is None  # its EM fit is scored as a mixture
+    src = scorer.source
+    images = np.concatenate([src.model_input("test", i)[0] for i in range(3)])
+    nll, rec = raw_scores(scorer.model, images, scorer.config, scorer.device)
+    fast_nll, fast_rec = raw_scores(
+        scorer.model, images, scorer.config, scorer.device, kernel=scorer.kernel
+    )
+    np.testing.assert_allclose(fast_nll, nll, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(fast_rec, rec)
 
 
 def test_the_log_sum_is_exact_with_terms_far_below_its_largest() -> None:

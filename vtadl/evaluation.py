@@ -42,7 +42,7 @@ from vtadl.data.source import Source, category_source
 from vtadl.data.tiles import stitch_tiles
 from vtadl.exceptions import ConfigError, DataError, RunError
 from vtadl.grids import grid_offsets, nll_map, shift_images
-from vtadl.losses import MDN_LOSS_FUNCTIONS
+from vtadl.losses import MDN_LOSS_FUNCTIONS, Kernel
 from vtadl.mixture_fit import apply_mixture, fitted_mixture
 from vtadl.model import VTADL, Mixture
 from vtadl.training import BEST, autocast, model_from_checkpoint, pick_device
@@ -138,21 +138,41 @@ class Calibration:
 
 @torch.no_grad()
 def _patch_nll(
-    model: VTADL, x: torch.Tensor, config: Config, grid: int = 0
+    model: VTADL, x: torch.Tensor, config: Config, grid: int = 0, kernel: Kernel | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch NLL on the token grid (B, g, g), and the squared reconstruction error
-    averaged over channels (B, H, W). `grid`: the index of x's shifted grid."""
+    averaged over channels (B, H, W). `grid`: the index of x's shifted grid; `kernel`: the
+    head's mixture prepared as a kernel (`prepared_kernel`), which scores the same NLL."""
     with autocast(x.device, config.train.precision):
         out = model(x, grid=grid)
     g = model.grid_size
-    mixture = Mixture(*(t.float() for t in out.mixture))
-    nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
+    if kernel is not None:
+        nll = kernel.nll(out.tokens.float())
+    else:
+        mixture = Mixture(*(t.float() for t in out.mixture))
+        nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
     return nll.view(-1, g, g), (out.reconstruction.float() - x).square().mean(1)
 
 
 @torch.no_grad()
+def prepared_kernel(model: VTADL, config: Config) -> Kernel | None:
+    """The model's mixture as a `Kernel`, when it is one (a kernel fit over every token,
+    scored by the true mixture NLL), else None."""
+    head = model.mdn
+    if config.train.mdn_loss != "mixture" or head.condition != "global" or head.means.ndim != 2:
+        return None
+    mixture = Mixture(*(t.float() for t in head(head.means[None, :1])))
+    return Kernel(mixture) if Kernel.fits(mixture) else None
+
+
+@torch.no_grad()
 def raw_scores(
-    model: VTADL, images: np.ndarray, config: Config, device: torch.device, batch_size: int = 8
+    model: VTADL,
+    images: np.ndarray,
+    config: Config,
+    device: torch.device,
+    batch_size: int = 8,
+    kernel: Kernel | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, H, W, 3) images at model size -> the mixture NLL of every patch (N, S, g, g)
     and the squared reconstruction error per pixel (N, H, W).
@@ -170,7 +190,7 @@ def raw_scores(
         x = x.permute(0, 3, 1, 2)
         grids = []
         for k, (dy, dx) in enumerate(offsets):
-            n, r = _patch_nll(model, shift_images(x, dy, dx), config, k)
+            n, r = _patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
             grids.append(n)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
@@ -261,6 +281,7 @@ class Scorer:
                 by_position=kernel_scope(self.config) == "position",
             )
             apply_mixture(self.model, params)
+        self.kernel = prepared_kernel(self.model, self.config)
         # The calibration of the run's own score is kept; other scores and mixtures are
         # calibrated afresh, and so is a calibration written by an older version or for
         # another scale.
@@ -283,7 +304,7 @@ class Scorer:
         return self._source
 
     def raw(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return raw_scores(self.model, inputs, self.config, self.device)
+        return raw_scores(self.model, inputs, self.config, self.device, kernel=self.kernel)
 
     def raw_many(self, inputs: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """The raw scores of several images (their inputs: one image, or its tiles each),
