@@ -255,6 +255,10 @@ def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour(
     model = create_model("vtadl_tiny", n_gaussians=4, mdn_condition="global").eval()
     apply_mixture(model, params)
     assert model.mdn.means.shape == (len(tokens), d)
+    # The one variance is held once, viewed for every component, not copied 404 times.
+    assert model.mdn.log_vars.shape == (len(tokens), d)
+    assert model.mdn.log_vars.untyped_storage().nbytes() == d * 4
+    np.testing.assert_allclose(model.mdn.log_vars[-1].detach().numpy(), np.log(var), rtol=1e-5)
     seen = np.stack([common[5], rare[2]]) + rng.normal(0, 0.05, (2, d))
     unseen = rng.normal(0, 1, (1, d)) + 3  # between the clusters, near no token
     x = torch.from_numpy(np.concatenate([seen, unseen]).astype(np.float32))[None]
