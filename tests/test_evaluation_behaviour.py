@@ -456,17 +456,27 @@ def test_peak_plus_recon_adds_the_standardised_reconstruction_error(three_val_ru
     )
 
 
-def test_a_calibration_written_before_image_level_parts_is_made_afresh(
-    three_val_run: Path,
+def test_a_calibration_written_before_image_level_parts_is_kept_unless_needed(
+    plate: Path, three_val_run: Path, tmp_path: Path
 ) -> None:
-    run = three_val_run
-    path = run / "calibration.json"
+    def written_before(run: Path) -> tuple[dict, str]:
+        current = json.loads((run / "calibration.json").read_text())
+        old = {k: v for k, v in current.items() if k not in ("image_peak", "image_rec")}
+        (run / "calibration.json").write_text(json.dumps(old))
+        return current, json.dumps(old)
+
+    # The peak does not need the image-level parts: an older calibration is used as it is.
+    Scorer(three_val_run)
+    _, old = written_before(three_val_run)
+    assert Scorer(three_val_run).calibration.image_peak.std == 1.0
+    assert (three_val_run / "calibration.json").read_text() == old
+    # peak+recon does: its run's calibration is made afresh, the same as before.
+    config = plate_config(plate, tmp_path, val_fraction=0.3)
+    run = fit(config.override(train={"epochs": 1}, eval={"image_score": "peak+recon"}))
     Scorer(run)
-    current = json.loads(path.read_text())
-    old = {k: v for k, v in current.items() if k not in ("image_peak", "image_rec")}
-    path.write_text(json.dumps(old))
+    current, _ = written_before(run)
     Scorer(run)
-    assert json.loads(path.read_text()) == current
+    assert json.loads((run / "calibration.json").read_text()) == current
 
 
 def test_images_scored_together_score_as_each_alone(tiled_run: Path) -> None:

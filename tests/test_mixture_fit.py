@@ -96,6 +96,17 @@ def test_a_prepared_kernel_scores_the_mixture_nll(monkeypatch) -> None:
     # Unequal weights or variances (an EM fit) are not a kernel; nor one mixture per position.
     assert not Kernel.fits(Mixture(torch.log_softmax(torch.randn(1, 1, 40), -1), mu, log_var))
     assert not Kernel.fits(Mixture(log_pi, mu, log_var + torch.rand(1, 1, 40, 1)))
+    # Log variances beyond the bounds are clamped as mixture_nll clamps them.
+    wild = Mixture(log_pi, mu, torch.tensor([-12.0, 11.0, 0.5, -9.5, 9.5, 1.0]).expand(1, 1, 40, 6))
+    torch.testing.assert_close(
+        Kernel(wild).nll(x).double(),
+        mixture_nll(
+            x.double(),
+            wild._replace(mu=mu.double(), log_var=wild.log_var.double(), log_pi=log_pi.double()),
+        ),
+        rtol=1e-3,
+        atol=1e-3,
+    )
     per_position = Mixture(
         log_pi.expand(1, 5, 40), mu.expand(1, 5, 40, 6), log_var.expand(1, 5, 40, 6)
     )
@@ -259,6 +270,7 @@ def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour(
     assert model.mdn.log_vars.shape == (len(tokens), d)
     assert model.mdn.log_vars.untyped_storage().nbytes() == d * 4
     np.testing.assert_allclose(model.mdn.log_vars[-1].detach().numpy(), np.log(var), rtol=1e-5)
+    held = model.mdn.means
     seen = np.stack([common[5], rare[2]]) + rng.normal(0, 0.05, (2, d))
     unseen = rng.normal(0, 1, (1, d)) + 3  # between the clusters, near no token
     x = torch.from_numpy(np.concatenate([seen, unseen]).astype(np.float32))[None]
@@ -266,6 +278,11 @@ def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour(
         nll = mixture_nll(x, model.mdn(x))[0].numpy()
     assert abs(nll[0] - nll[1]) < 0.2 * (nll[2] - nll[0])  # rare but seen ~ common
     assert nll[2] > nll[0] and nll[2] > nll[1]
+    # The same head can take an EM fit afterwards (the viewed variance is replaced).
+    em = fit_mixture(tokens, 4, seed=0)
+    apply_mixture(model, em)
+    assert model.mdn.means is not held and model.mdn.n_gaussians == 4
+    np.testing.assert_array_equal(model.mdn.log_vars.detach().numpy(), em["log_var"])
 
 
 def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(

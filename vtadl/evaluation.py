@@ -83,11 +83,6 @@ def _image_part(values: list[float]) -> Part:
     """Standardisation of one image-level score by its values on the validation images
     (by their mean only, with fewer than two: a spread needs two)."""
     if len(values) < 2:
-        log.warning(
-            "peak+recon weighs its two parts by their spread over the validation images, "
-            "and %d is too few: they are added unweighed (raise data.val_fraction)",
-            len(values),
-        )
         return Part(0.0, 1.0, float(np.mean(values)), 1.0)
     return Part(0.0, 1.0, float(np.mean(values)), max(float(np.std(values)), 1e-6))
 
@@ -131,8 +126,11 @@ class Calibration:
     @classmethod
     def from_dict(cls, raw: dict) -> Calibration:
         raw = dict(raw)
-        for name in ("nll", "rec", "image_peak", "image_rec"):
+        for name in ("nll", "rec"):
             raw[name] = Part(**raw[name])
+        # written before the image-level parts existed: only `peak+recon` needs them
+        for name in ("image_peak", "image_rec"):
+            raw[name] = Part(**raw[name]) if name in raw else _UNSCALED
         return cls(**raw)
 
 
@@ -287,11 +285,17 @@ class Scorer:
         # another scale.
         own = not (overrides or refitted)
         cal_path = self.run_dir / "calibration.json"
-        self.calibration = _read_calibration(cal_path, self.eval.scale) if own else None
+        image_parts = resolved_image_score(self.config) == "peak+recon"
+        self.calibration = (
+            _read_calibration(cal_path, self.eval.scale, image_parts) if own else None
+        )
         if self.calibration is None:
             self.calibration = self._calibrate()
             if own:
-                cal_path.write_text(json.dumps(self.calibration.to_dict(), indent=2))
+                try:
+                    cal_path.write_text(json.dumps(self.calibration.to_dict(), indent=2))
+                except OSError as exc:  # a read-only run folder: scored, not stored
+                    log.warning("could not store the calibration in %s: %s", cal_path, exc)
 
     @property
     def eval(self) -> EvalConfig:
@@ -361,6 +365,13 @@ class Scorer:
         rec = np.concatenate([r[1] for r in raws])
         base = Calibration.fit(nll, rec, self.eval.scale)
         if resolved_image_score(self.config) == "peak+recon":
+            if len(raws) < 2:
+                log.warning(
+                    "peak+recon weighs its two parts by their spread over the validation "
+                    "images, and %d is too few: they are added unweighed (raise "
+                    "data.val_fraction)",
+                    len(raws),
+                )
             peaks = [
                 self._peak(raw, _standardised(*raw, base, self.eval.score), base) for raw in raws
             ]
@@ -398,11 +409,14 @@ def _refit(config: Config, how: str) -> Config:
     return config.override(train={"mixture_fit": how})
 
 
-def _read_calibration(path: Path, scale: str) -> Calibration | None:
-    """A run's stored calibration, or None if it is missing, outdated or for another scale."""
+def _read_calibration(path: Path, scale: str, image_parts: bool) -> Calibration | None:
+    """A run's stored calibration, or None if it is missing, outdated, for another scale,
+    or without the image-level parts that the image score needs (`image_parts`)."""
     try:
         cal = Calibration.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if image_parts and cal.image_peak == _UNSCALED:
         return None
     return cal if cal.scale == scale else None
 

@@ -148,7 +148,7 @@ class Kernel:
         mu = mix.mu[0, 0]
         self.centre = mu.mean(0)
         self.scale = torch.exp(-0.5 * log_var)
-        self.means = (mu - self.centre) * self.scale  # (K, D)
+        self.means = mu.sub(self.centre).mul_(self.scale)  # (K, D), one buffer
         self.neg_half_sq = -0.5 * self.means.square().sum(-1)  # (K,)
         k, d = self.means.shape
         self.const = -math.log(k) - 0.5 * (float(log_var.sum()) + d * _LOG_2PI)

@@ -168,7 +168,9 @@ def apply_mixture(model: VTADL, params: dict[str, np.ndarray]) -> None:
     one mixture per position, replace the head's parameters with those, for scoring."""
     head = model.mdn
     k = params["log_pi"].shape[-1]
-    if k > head.n_gaussians or params["log_pi"].ndim == 2:
+    # A head that holds a kernel's one-row variance (viewed, not writable in place) is
+    # replaced as well.
+    if k > head.n_gaussians or params["log_pi"].ndim == 2 or head.log_vars.stride(0) == 0:
         for name, value in (("logits", "log_pi"), ("means", "mu"), ("log_vars", "log_var")):
             old = getattr(head, name)
             setattr(head, name, torch.nn.Parameter(_tensor(params[value], old)))
