@@ -111,13 +111,17 @@ def _chunks(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor):
 _LOGSUM_FLOOR = -80.0
 
 
-def _logsumexp(a: torch.Tensor) -> torch.Tensor:
+def _logsumexp(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """log sum exp over the last dimension, as torch.logsumexp, with terms below the floor
-    raised to it (a relative change under 1e-30 for 10^4 such terms)."""
+    raised to it (a relative change under 1e-30 for 10^4 such terms). `overwrite`: a may be
+    used as the work space when it needs no gradient (a temporary of the caller's)."""
     top = a.detach().amax(-1, keepdim=True)
     finite = torch.isfinite(top)
-    z = a - torch.where(finite, top, torch.zeros_like(top))
-    z = z.clamp(min=_LOGSUM_FLOOR).exp() if z.requires_grad else z.clamp_(min=_LOGSUM_FLOOR).exp_()
+    shift = torch.where(finite, top, torch.zeros_like(top))
+    if a.requires_grad:
+        z = (a - shift).clamp(min=_LOGSUM_FLOOR).exp()
+    else:
+        z = (a.sub_(shift) if overwrite else a - shift).clamp_(min=_LOGSUM_FLOOR).exp_()
     # a row of -inf (no weight anywhere) or with +inf keeps that as its value
     return torch.where(finite[..., 0], z.sum(-1).log() + top[..., 0], top[..., 0])
 
@@ -127,7 +131,7 @@ def mixture_nll(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
     log_var = mix.log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX)
     total = None
     for log_pi, density in _chunks(x, mix, log_var):
-        part = _logsumexp(log_pi + density)
+        part = _logsumexp(log_pi + density, overwrite=True)
         total = part if total is None else torch.logaddexp(total, part)
     return -total
 
@@ -170,9 +174,7 @@ class Kernel:
         for a in range(0, len(self.means), step):
             # x.m - |m|^2 / 2 for this chunk of components, then its log-sum in place
             part = torch.addmm(self.neg_half_sq[a : a + step], flat, self.means[a : a + step].T)
-            top = part.amax(-1, keepdim=True)
-            part.sub_(top).clamp_(min=_LOGSUM_FLOOR).exp_()
-            lse = part.sum(-1).log_().add_(top[:, 0])
+            lse = _logsumexp(part, overwrite=True)
             total = lse if total is None else torch.logaddexp(total, lse)
         log_density = total - 0.5 * flat.square().sum(-1) + self.const
         return -log_density.view(x.shape[:-1])
