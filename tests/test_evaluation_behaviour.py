@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from scipy.spatial.distance import cdist
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from vtadl.cli import app
-from vtadl.config import Config, default_config
+from vtadl.config import Config, default_config, resolved_image_score
 from vtadl.data import index_dataset
 from vtadl.data.check import check_dataset
 from vtadl.data.images import MASK_THRESHOLD, load_mask
@@ -32,6 +34,7 @@ from vtadl.data.prepare import split_samples
 from vtadl.data.source import FileSource, PackSource, category_source
 from vtadl.evaluation import Scorer, _standardised, evaluate_run, predict
 from vtadl.exceptions import VtadlError
+from vtadl.grids import grid_offsets, shift_images
 from vtadl.training import fit
 
 CATEGORY = "plate"
@@ -283,16 +286,22 @@ def _train_cli(*args: str):
     )
 
 
-def test_train_on_mnist_prints_image_auroc_and_why_pixel_metrics_are_absent(tmp_path: Path):
+def write_digits(root: Path, n_train: int, n_test: int) -> Path:
+    """scikit-learn's handwritten digits as MNIST IDX files under root; returns root."""
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     labels = digits.target.astype(np.uint8)
-    root, out = tmp_path / "mnist", tmp_path / "runs"
-    root.mkdir()
-    write_idx(root / MNIST_FILES["train_images"], images[:60])
-    write_idx(root / MNIST_FILES["train_labels"], labels[:60])
-    write_idx(root / MNIST_FILES["test_images"], images[60:100])
-    write_idx(root / MNIST_FILES["test_labels"], labels[60:100])
+    root.mkdir(parents=True, exist_ok=True)
+    end = n_train + n_test
+    write_idx(root / MNIST_FILES["train_images"], images[:n_train])
+    write_idx(root / MNIST_FILES["train_labels"], labels[:n_train])
+    write_idx(root / MNIST_FILES["test_images"], images[n_train:end])
+    write_idx(root / MNIST_FILES["test_labels"], labels[n_train:end])
+    return root
+
+
+def test_train_on_mnist_prints_image_auroc_and_why_pixel_metrics_are_absent(tmp_path: Path):
+    root, out = write_digits(tmp_path / "mnist", 60, 40), tmp_path / "runs"
     result = _train_cli(
         "--dataset", "mnist", "--root", str(root), "--category", "3", "--out", str(out)
     )
@@ -304,8 +313,9 @@ def test_train_on_mnist_prints_image_auroc_and_why_pixel_metrics_are_absent(tmp_
     assert saved["pixel_auroc"] is None and saved["au_pro"] is None
     assert 0 <= saved["image_auroc"] <= 1
     # Digits of another class are anomalies of the whole image: the default image score
-    # adds the reconstruction error to the peak there.
-    assert saved["image_score"] == "peak+recon" and saved["recon_weight"] == 0.3
+    # adds the reconstruction error and the distance to the nearest training image there.
+    assert saved["image_score"] == "peak+recon+neighbour"
+    assert saved["recon_weight"] == 0.3 and saved["neighbour_weight"] == 0.5
 
 
 def test_evaluate_with_empty_masks_prints_image_auroc_and_the_reason(tmp_path: Path) -> None:
@@ -410,7 +420,7 @@ def test_the_peak_scores_an_image_by_its_highest_patches(plate_run: Path) -> Non
     # With the reconstruction error in the map, the peak is the map's at model resolution.
     both = Scorer(plate_run, eval_overrides={"score": "nll+recon"})
     raw = both.raw(src.model_input("test", 0)[0])
-    small = np.sort(_standardised(*raw, both.calibration, "nll+recon").ravel())
+    small = np.sort(_standardised(raw.nll, raw.rec, both.calibration, "nll+recon").ravel())
     assert both.scored(raw, None, item.shape)[1] == pytest.approx(float(small[-10:].mean()))
 
 
@@ -461,7 +471,8 @@ def test_a_calibration_written_before_image_level_parts_is_kept_unless_needed(
 ) -> None:
     def written_before(run: Path) -> tuple[dict, str]:
         current = json.loads((run / "calibration.json").read_text())
-        old = {k: v for k, v in current.items() if k not in ("image_peak", "image_rec")}
+        newer = ("image_peak", "image_rec", "image_near", "made_for")
+        old = {k: v for k, v in current.items() if k not in newer}
         (run / "calibration.json").write_text(json.dumps(old))
         return current, json.dumps(old)
 
@@ -488,7 +499,95 @@ def test_images_scored_together_score_as_each_alone(tiled_run: Path) -> None:
     assert all(len(x) == 4 for x in inputs)
     together = scorer.raw_many(inputs)
     assert len(together) == len(inputs)
-    for x, (nll, rec) in zip(inputs, together):
-        alone_nll, alone_rec = scorer.raw(x)
+    for x, (nll, rec, _) in zip(inputs, together):
+        alone_nll, alone_rec, _ = scorer.raw(x)
         np.testing.assert_allclose(nll, alone_nll, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(rec, alone_rec, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 epoch on the 3s among 300 digits (9 held out for validation), 32 px, kernel by
+    position (the MNIST default)."""
+    root = write_digits(tmp_path_factory.mktemp("digits"), 300, 100)
+    config = default_config("vtadl_tiny").override(
+        data={"dataset": "mnist", "root": str(root), "category": "3", "val_fraction": 0.3},
+        model={"img_size": 32},
+        train={"epochs": 1, "batch_size": 8, "out": str(tmp_path_factory.mktemp("runs"))},
+    )
+    return fit(config)
+
+
+def _tokens_on_every_grid(scorer: Scorer, images: np.ndarray) -> np.ndarray:
+    """Each image's tokens on all its shifted grids, one row per image, float64."""
+    model, p = scorer.model, scorer.config.model.patch_size
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        grids = [
+            model.encode(shift_images(x, dy, dx))
+            for dy, dx in grid_offsets(p, scorer.eval.grid_shifts)
+        ]
+    return torch.cat(grids, 1).flatten(1).double().numpy()
+
+
+def test_peak_recon_neighbour_adds_the_distance_to_the_nearest_training_image(
+    digits_run: Path,
+) -> None:
+    scorer = Scorer(digits_run)
+    src, cal = scorer.source, scorer.calibration
+    assert resolved_image_score(scorer.config) == "peak+recon+neighbour"
+    train = _tokens_on_every_grid(scorer, _split_inputs(src, "train"))
+
+    def parts(split: str) -> np.ndarray:
+        images = _split_inputs(src, split)
+        raw = scorer.raw(images)
+        peak = [np.sort(cal.nll.apply(n, cal.scale).ravel())[-10:].mean() for n in raw.nll]
+        rec = np.log(raw.rec.reshape(len(images), -1).mean(1))
+        near = cdist(_tokens_on_every_grid(scorer, images), train).min(1)
+        np.testing.assert_allclose(raw.near, near, rtol=1e-4)
+        return np.stack([peak, rec, np.log(near)], 1)
+
+    val, test = parts("val"), parts("test")
+    z = (test - val.mean(0)) / val.std(0)
+    expected = z @ np.array([1, 0.3, 0.5])
+    result = evaluate_run(digits_run)
+    assert result["image_score"] == "peak+recon+neighbour"
+    assert [im["score"] for im in result["images"]] == pytest.approx(list(expected), abs=1e-3)
+    # The threshold is the highest validation image's score, in the same units.
+    z_val = (val - val.mean(0)) / val.std(0)
+    assert cal.image_threshold == pytest.approx((z_val @ np.array([1, 0.3, 0.5])).max(), abs=1e-4)
+    # A training image is its own nearest neighbour.
+    first = src.model_input("train", 0)[0]
+    assert scorer.raw(first).near[0] < 1e-3 * near_scale(test)
+
+
+def near_scale(parts: np.ndarray) -> float:
+    return float(np.exp(parts[:, 2]).min())
+
+
+def _split_inputs(src, split: str) -> np.ndarray:
+    return np.concatenate([src.model_input(split, i)[0] for i in range(len(src.items(split)))])
+
+
+def test_a_calibration_made_for_other_settings_is_made_afresh(digits_run: Path) -> None:
+    # A calibration's threshold holds for the settings it was made with, which it records;
+    # one made for others (an older version's defaults, say) is not used.
+    stored = Scorer(digits_run).calibration
+    assert stored.made_for["image_score"] == "peak+recon+neighbour"
+    assert stored.made_for["neighbour_weight"] == 0.5
+    path = digits_run / "calibration.json"
+    other = stored.to_dict()
+    other["made_for"] = {**other["made_for"], "neighbour_weight": 2.0}
+    other["image_threshold"] = 123.0
+    path.write_text(json.dumps(other))
+    assert Scorer(digits_run).calibration == stored
+    assert json.loads(path.read_text()) == stored.to_dict()
+    # One written before the settings were recorded lacks the neighbour's part: remade too.
+    old = {k: v for k, v in stored.to_dict().items() if k not in ("image_near", "made_for")}
+    path.write_text(json.dumps({**old, "image_threshold": 123.0}))
+    assert Scorer(digits_run).calibration == stored
+    # Evaluated with other weights, a run is calibrated for them, and its own file stays.
+    heavier = Scorer(digits_run, eval_overrides={"neighbour_weight": 2.0}).calibration
+    assert heavier.made_for["neighbour_weight"] == 2.0
+    assert heavier.image_threshold != pytest.approx(stored.image_threshold)
+    assert json.loads(path.read_text()) == stored.to_dict()

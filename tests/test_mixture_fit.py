@@ -121,8 +121,8 @@ def test_a_kernel_run_is_scored_by_the_prepared_kernel_as_by_the_mixture(em_run:
     assert Scorer(em_run).kernel is None  # its EM fit is scored as a mixture
     src = scorer.source
     images = np.concatenate([src.model_input("test", i)[0] for i in range(3)])
-    nll, rec = raw_scores(scorer.model, images, scorer.config, scorer.device)
-    fast_nll, fast_rec = raw_scores(
+    nll, rec, _ = raw_scores(scorer.model, images, scorer.config, scorer.device)
+    fast_nll, fast_rec, _ = raw_scores(
         scorer.model, images, scorer.config, scorer.device, kernel=scorer.kernel
     )
     np.testing.assert_allclose(fast_nll, nll, rtol=1e-4, atol=1e-3)

@@ -99,16 +99,34 @@ def test_grid_shifts_must_divide_the_patch() -> None:
         config.override(eval={"grid_shifts": 3})
 
 
-def test_the_default_image_score_is_the_peak_plus_recon_for_digits_only() -> None:
+def test_the_default_image_score_adds_whole_image_evidence_for_digits_only() -> None:
     from vtadl.config import default_config, resolved_image_score
     from vtadl.exceptions import ConfigError
 
     config = default_config("vtadl_small")
     assert config.eval.image_score == "auto" and config.eval.peak_patches == 10
     assert resolved_image_score(config) == "peak"
-    for dataset, resolved in (("mnist", "peak+recon"), ("btad", "peak"), ("folder", "peak")):
+    digits = "peak+recon+neighbour"
+    for dataset, resolved in (("mnist", digits), ("btad", "peak"), ("folder", "peak")):
         assert resolved_image_score(config.override(data={"dataset": dataset})) == resolved
-    chosen = config.override(data={"dataset": "mnist"}, eval={"image_score": "peak"})
-    assert resolved_image_score(chosen) == "peak"
+    # The neighbour term needs the kernel by position (the digits' default); without one,
+    # the reconstruction error is what the digits' score adds.
+    for change, resolved in (
+        ({"eval": {"kernel_scope": "image"}}, "peak+recon"),
+        ({"train": {"mixture_fit": "em"}}, "peak+recon"),
+        ({"eval": {"image_score": "peak"}}, "peak"),
+    ):
+        chosen = config.override(data={"dataset": "mnist"}, **change)
+        assert resolved_image_score(chosen) == resolved
     with pytest.raises(ConfigError, match="recon_weight must not be negative"):
         config.override(eval={"recon_weight": -1})
+    with pytest.raises(ConfigError, match="neighbour_weight must not be negative"):
+        config.override(eval={"neighbour_weight": -0.5})
+    with pytest.raises(ConfigError, match="needs a kernel by position"):
+        config.override(eval={"image_score": digits})  # photographs: a kernel by image
+    assert (
+        resolved_image_score(
+            config.override(eval={"image_score": digits, "kernel_scope": "position"})
+        )
+        == digits
+    )

@@ -321,11 +321,19 @@ def evaluate(
     image_score: str | None = typer.Option(
         None,
         help="Image score: peak (the highest patch scores before smoothing), peak+recon "
-        "(plus the image's reconstruction error), auto (peak+recon for mnist, else peak), "
-        "or the smoothed map's max, mean or top1pct.",
+        "(plus the image's reconstruction error), peak+recon+neighbour (plus its tokens' "
+        "distance to the nearest training image's; a kernel by position), auto "
+        "(peak+recon+neighbour for mnist, else peak), or the smoothed map's max, mean or "
+        "top1pct.",
     ),
     peak_patches: int | None = typer.Option(
         None, help="The peak is the mean of this many highest patch scores (1: the highest)."
+    ),
+    recon_weight: float | None = typer.Option(
+        None, help="Weight of the reconstruction error in peak+recon[+neighbour]."
+    ),
+    neighbour_weight: float | None = typer.Option(
+        None, help="Weight of the nearest training image's distance in peak+recon+neighbour."
     ),
     sigma: float | None = typer.Option(None, help="Smoothing of the map, in original pixels."),
     grid_shifts: int | None = typer.Option(
@@ -345,6 +353,8 @@ def evaluate(
         "scale": score_scale,
         "image_score": image_score,
         "peak_patches": peak_patches,
+        "recon_weight": recon_weight,
+        "neighbour_weight": neighbour_weight,
         "smoothing_sigma": sigma,
         "grid_shifts": grid_shifts,
         "kernel_scope": kernel_scope,

@@ -24,7 +24,7 @@ FITTED_AFTER_TRAINING = ("em", "kernel")  # fits of a global mixture, after trai
 MDN_CONDITIONS = ("token", "position", "global")
 SCORES = ("nll", "nll+recon", "recon")
 SCORE_SCALES = ("log", "linear")
-IMAGE_SCORES = ("auto", "peak", "peak+recon", "max", "mean", "top1pct")
+IMAGE_SCORES = ("auto", "peak", "peak+recon", "peak+recon+neighbour", "max", "mean", "top1pct")
 KERNEL_SCOPES = ("auto", "image", "position")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("single", "ddp", "deepspeed")
@@ -136,10 +136,16 @@ class EvalConfig:
     # "peak+recon": the peak plus `recon_weight` times the log of the image's mean squared
     # reconstruction error, each standardised on the validation images: evidence about the
     # whole image (a digit of another class lacks strokes that no single place misses).
-    # "auto": peak+recon for the MNIST layout, peak otherwise (`resolved_image_score`).
+    # "peak+recon+neighbour" adds `neighbour_weight` times the log of the distance from the
+    # image's tokens, all positions of all grids at once, to the nearest training image's,
+    # standardised the same way: the image as a whole must resemble one normal image, not
+    # each place some normal image (needs a kernel by position, `kernel_scope`).
+    # "auto": peak+recon+neighbour for the MNIST layout with a kernel by position,
+    # peak+recon for it otherwise, peak for every other layout (`resolved_image_score`).
     image_score: str = "auto"
     peak_patches: int = 10
     recon_weight: float = 0.3
+    neighbour_weight: float = 0.5
     smoothing_sigma: float = 4.0
     # Score the patch grid at shifts x shifts offsets, interleaved into one grid of stride
     # patch / shifts (a finer map for shifts^2 passes; vtadl.grids).
@@ -222,13 +228,16 @@ def kernel_scope(config: Config) -> str | None:
 
 
 def resolved_image_score(config: Config) -> str:
-    """What `eval.image_score` comes to for this config (auto: peak+recon for the MNIST
-    layout, whose anomalies are whole digits of another class; peak otherwise, where
-    defects are local and the reconstruction error of the rest of the image is noise)."""
+    """What `eval.image_score` comes to for this config (auto: for the MNIST layout, whose
+    anomalies are whole digits of another class, peak+recon+neighbour with a kernel by
+    position and peak+recon without; peak for the rest, where defects are local and the
+    rest of the image says nothing about them)."""
     how = config.eval.image_score
-    if how == "auto":
-        return "peak+recon" if config.data.dataset == "mnist" else "peak"
-    return how
+    if how != "auto":
+        return how
+    if config.data.dataset != "mnist":
+        return "peak"
+    return "peak+recon+neighbour" if kernel_scope(config) == "position" else "peak+recon"
 
 
 def variant_config(name: str, **overrides: Any) -> ModelConfig:
@@ -406,6 +415,15 @@ def validate(c: Config) -> Config:
         ),
         (e.peak_patches >= 1, f"peak_patches must be at least 1, got {e.peak_patches}"),
         (e.recon_weight >= 0, f"recon_weight must not be negative, got {e.recon_weight}"),
+        (
+            e.neighbour_weight >= 0,
+            f"neighbour_weight must not be negative, got {e.neighbour_weight}",
+        ),
+        (
+            e.image_score != "peak+recon+neighbour" or kernel_scope(c) == "position",
+            "image_score peak+recon+neighbour compares whole images token by token and needs "
+            "a kernel by position (train.mixture_fit kernel, eval.kernel_scope position)",
+        ),
         (e.smoothing_sigma >= 0, f"smoothing sigma must not be negative, got {e.smoothing_sigma}"),
         (e.grid_shifts >= 1, f"grid_shifts must be at least 1, got {e.grid_shifts}"),
         (

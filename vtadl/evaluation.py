@@ -11,9 +11,10 @@ images, so parts can be summed and a map reads as "standard deviations above nor
 map is upsampled to the image's original resolution and Gaussian-smoothed; metrics are
 computed there, against the masks at their own resolution. The image score is by default
 the map's peak before upsampling and smoothing (`Scorer.scored`); for the MNIST layout the peak
-plus 0.3 times the log of the image's mean squared reconstruction error, both standardised on the
-validation images (`peak+recon`); the smoothed map's maximum, as in the official MVTec
-evaluation, is an option.
+plus 0.3 times the log of the image's mean squared reconstruction error plus 0.5 times the log
+of its tokens' distance to the nearest training image's (vtadl.neighbours), each standardised
+on the validation images (`peak+recon+neighbour`); the smoothed map's maximum, as in the
+official MVTec evaluation, is an option.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from vtadl.grids import grid_offsets, nll_map, shift_images
 from vtadl.losses import MDN_LOSS_FUNCTIONS, Kernel
 from vtadl.mixture_fit import apply_mixture, fitted_mixture
 from vtadl.model import VTADL, Mixture
+from vtadl.neighbours import ImageNeighbours
 from vtadl.training import BEST, autocast, model_from_checkpoint, pick_device
 from vtadl.visualize import save_heatmap
 
@@ -97,10 +100,15 @@ class Calibration:
     image_threshold: float  # the highest image score among the validation images
     display_low: float
     display_high: float
-    # The image score "peak+recon" standardises its two parts, the peak and the log of the
-    # mean squared reconstruction error, by their spread over the validation images.
+    # The image scores "peak+recon" and "peak+recon+neighbour" standardise their parts, the
+    # peak, the log of the mean squared reconstruction error and the log of the distance to
+    # the nearest training image's tokens, by their spread over the validation images.
     image_peak: Part
     image_rec: Part
+    image_near: Part = _UNSCALED
+    # The evaluation settings this calibration (its threshold above all) was made for
+    # (`calibration_key`); None in one written before they were recorded.
+    made_for: dict | None = None
 
     @classmethod
     def fit(cls, nll: np.ndarray, rec: np.ndarray, scale: str) -> Calibration:
@@ -118,6 +126,7 @@ class Calibration:
             display_high=1.0,
             image_peak=_UNSCALED,
             image_rec=_UNSCALED,
+            image_near=_UNSCALED,
         )
 
     def to_dict(self) -> dict:
@@ -128,19 +137,36 @@ class Calibration:
         raw = dict(raw)
         for name in ("nll", "rec"):
             raw[name] = Part(**raw[name])
-        # written before the image-level parts existed: only `peak+recon` needs them
-        for name in ("image_peak", "image_rec"):
+        # written before the image-level parts existed: only the composite scores need them
+        for name in ("image_peak", "image_rec", "image_near"):
             raw[name] = Part(**raw[name]) if name in raw else _UNSCALED
         return cls(**raw)
+
+
+class Raw(NamedTuple):
+    """The raw scores of a batch of model inputs (images, or tiles): the mixture NLL of
+    every patch on every shifted grid (N, S, g, g), the squared reconstruction error per
+    pixel (N, H, W), and, when asked for, the distance of each input's tokens to the
+    nearest training image's (N,), else None."""
+
+    nll: np.ndarray
+    rec: np.ndarray
+    near: np.ndarray | None = None
+
+    def split(self, cuts: Sequence[int]) -> list[Raw]:
+        """The scores of consecutive groups of inputs, cut before each index in `cuts`."""
+        parts = [np.split(a, cuts) if a is not None else [None] * (len(cuts) + 1) for a in self]
+        return [Raw(*group) for group in zip(*parts)]
 
 
 @torch.no_grad()
 def _patch_nll(
     model: VTADL, x: torch.Tensor, config: Config, grid: int = 0, kernel: Kernel | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch NLL on the token grid (B, g, g), and the squared reconstruction error
-    averaged over channels (B, H, W). `grid`: the index of x's shifted grid; `kernel`: the
-    head's mixture prepared as a kernel (`prepared_kernel`), which scores the same NLL."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch NLL on the token grid (B, g, g), the squared reconstruction error averaged
+    over channels (B, H, W), and the tokens (B, L, D). `grid`: the index of x's shifted
+    grid; `kernel`: the head's mixture prepared as a kernel (`prepared_kernel`), which
+    scores the same NLL."""
     with autocast(x.device, config.train.precision):
         out = model(x, grid=grid)
     g = model.grid_size
@@ -149,7 +175,8 @@ def _patch_nll(
     else:
         mixture = Mixture(*(t.float() for t in out.mixture))
         nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
-    return nll.view(-1, g, g), (out.reconstruction.float() - x).square().mean(1)
+    rec = (out.reconstruction.float() - x).square().mean(1)
+    return nll.view(-1, g, g), rec, out.tokens
 
 
 @torch.no_grad()
@@ -171,9 +198,11 @@ def raw_scores(
     device: torch.device,
     batch_size: int = 8,
     kernel: Kernel | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    neighbours: ImageNeighbours | None = None,
+) -> Raw:
     """uint8 (N, H, W, 3) images at model size -> the mixture NLL of every patch (N, S, g, g)
-    and the squared reconstruction error per pixel (N, H, W).
+    and the squared reconstruction error per pixel (N, H, W); given `neighbours`, also each
+    image's distance to the nearest training image in token space (N,).
 
     S = `eval.grid_shifts`^2 patch grids: a grid of stride p sees a defect only in whole
     p x p cells, so the image is also scored shifted by multiples of p/shifts pixels (reflect
@@ -182,18 +211,21 @@ def raw_scores(
     """
     model.eval()
     offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
-    nll, rec = [], []
+    nll, rec, near = [], [], []
     for start in range(0, len(images), batch_size):
         x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
         x = x.permute(0, 3, 1, 2)
-        grids = []
+        grids, tokens = [], []
         for k, (dy, dx) in enumerate(offsets):
-            n, r = _patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
+            n, r, t = _patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
             grids.append(n)
+            tokens.append(t)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
         nll.append(torch.stack(grids, 1).cpu().numpy())
-    return np.concatenate(nll), np.concatenate(rec)
+        if neighbours is not None:
+            near.append(neighbours.distance(tokens).cpu().numpy())
+    return Raw(np.concatenate(nll), np.concatenate(rec), np.concatenate(near) if near else None)
 
 
 def _standardised(nll: np.ndarray, rec: np.ndarray, cal: Calibration, score: str):
@@ -226,6 +258,24 @@ def _mean_of_highest(values: np.ndarray, k: int) -> float:
 def _log_mse(rec: np.ndarray) -> float:
     """The log of an image's mean squared reconstruction error (over its tiles, if any)."""
     return float(np.log(rec.mean() + 1e-12))
+
+
+def _log_near(near: np.ndarray) -> float:
+    """The log of an image's token distance to the nearest training image (of its tiles'
+    mean distance, if it has tiles)."""
+    return float(np.log(near.mean() + 1e-12))
+
+
+def calibration_key(config: Config) -> dict:
+    """The evaluation settings a calibration's threshold and standardisation depend on:
+    the eval section (the image score resolved), without the number of heat maps."""
+    key = asdict(config.eval)
+    key.pop("n_maps", None)
+    key["image_score"] = resolved_image_score(config)
+    return key
+
+
+_COMPOSITE = ("peak+recon", "peak+recon+neighbour")
 
 
 def image_score(amap: np.ndarray, how: str = "max") -> float:
@@ -280,15 +330,22 @@ class Scorer:
             )
             apply_mixture(self.model, params)
         self.kernel = prepared_kernel(self.model, self.config)
+        self.neighbours = (
+            ImageNeighbours.of(self.model)
+            if resolved_image_score(self.config) == "peak+recon+neighbour"
+            else None
+        )
+        if self.neighbours is None and resolved_image_score(self.config) == "peak+recon+neighbour":
+            raise ConfigError(
+                "image_score peak+recon+neighbour needs a kernel by position, and this run's "
+                "mixture is not one"
+            )
         # The calibration of the run's own score is kept; other scores and mixtures are
-        # calibrated afresh, and so is a calibration written by an older version or for
-        # another scale.
+        # calibrated afresh, and so is a calibration made for other settings (the run's
+        # config.yaml edited) or by an older version that lacks what the score needs.
         own = not (overrides or refitted)
         cal_path = self.run_dir / "calibration.json"
-        image_parts = resolved_image_score(self.config) == "peak+recon"
-        self.calibration = (
-            _read_calibration(cal_path, self.eval.scale, image_parts) if own else None
-        )
+        self.calibration = _read_calibration(cal_path, self.config) if own else None
         if self.calibration is None:
             self.calibration = self._calibrate()
             if own:
@@ -307,20 +364,25 @@ class Scorer:
             self._source = category_source(self.config)
         return self._source
 
-    def raw(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return raw_scores(self.model, inputs, self.config, self.device, kernel=self.kernel)
+    def raw(self, inputs: np.ndarray) -> Raw:
+        return raw_scores(
+            self.model,
+            inputs,
+            self.config,
+            self.device,
+            kernel=self.kernel,
+            neighbours=self.neighbours,
+        )
 
-    def raw_many(self, inputs: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def raw_many(self, inputs: Sequence[np.ndarray]) -> list[Raw]:
         """The raw scores of several images (their inputs: one image, or its tiles each),
         scored in shared batches: a mixture's per-call work (a kernel's tens of thousands
         of Gaussians) is then spread over a whole batch, not repeated for every image."""
-        nll, rec = self.raw(np.concatenate(inputs))
-        cuts = np.cumsum([len(x) for x in inputs])[:-1]
-        return list(zip(np.split(nll, cuts), np.split(rec, cuts)))
+        return self.raw(np.concatenate(inputs)).split(np.cumsum([len(x) for x in inputs])[:-1])
 
     def scored(
         self,
-        raw: tuple[np.ndarray, np.ndarray],
+        raw: Raw,
         corners: np.ndarray | None,
         shape: tuple[int, int],
         calibration: Calibration | None = None,
@@ -331,24 +393,30 @@ class Scorer:
         standardised patch scores on the image's token grids (every shift and tile); with
         the reconstruction error, of the highest values of the map at model resolution.
         `peak+recon` adds `eval.recon_weight` times the log of the image's mean squared
-        reconstruction error, both parts standardised on the validation images."""
+        reconstruction error, `peak+recon+neighbour` that and `eval.neighbour_weight` times
+        the log of its tokens' distance to the nearest training image's, every part
+        standardised on the validation images."""
         cal = calibration or self.calibration
-        small = _standardised(*raw, cal, self.eval.score)
+        small = _standardised(raw.nll, raw.rec, cal, self.eval.score)
         if corners is None:
             amap = to_original(small[0], shape, self.eval.smoothing_sigma)
         else:
             amap = _smooth(stitch_tiles(small, corners, shape), self.eval.smoothing_sigma)
         how = resolved_image_score(self.config)
-        if how not in ("peak", "peak+recon"):
+        if how != "peak" and how not in _COMPOSITE:
             return amap, image_score(amap, how)
         peak = self._peak(raw, small, cal)
         if how == "peak":
             return amap, peak
-        rec = cal.image_rec.apply(_log_mse(raw[1]), "linear")
-        return amap, float(cal.image_peak.apply(peak, "linear") + self.eval.recon_weight * rec)
+        e = self.eval
+        total = cal.image_peak.apply(peak, "linear")
+        total += e.recon_weight * cal.image_rec.apply(_log_mse(raw.rec), "linear")
+        if how == "peak+recon+neighbour":
+            total += e.neighbour_weight * cal.image_near.apply(_log_near(raw.near), "linear")
+        return amap, float(total)
 
-    def _peak(self, raw: tuple[np.ndarray, np.ndarray], small: np.ndarray, cal: Calibration):
-        values = cal.nll.apply(raw[0], cal.scale) if self.eval.score == "nll" else small
+    def _peak(self, raw: Raw, small: np.ndarray, cal: Calibration):
+        values = cal.nll.apply(raw.nll, cal.scale) if self.eval.score == "nll" else small
         return _mean_of_highest(values, self.eval.peak_patches)
 
     def _calibrate(self) -> Calibration:
@@ -361,25 +429,27 @@ class Scorer:
             for start in range(0, len(inputs), IMAGES_PER_PASS)
             for raw in self.raw_many([x for x, _ in inputs[start : start + IMAGES_PER_PASS]])
         ]
-        nll = np.concatenate([r[0] for r in raws])
-        rec = np.concatenate([r[1] for r in raws])
+        nll = np.concatenate([r.nll for r in raws])
+        rec = np.concatenate([r.rec for r in raws])
         base = Calibration.fit(nll, rec, self.eval.scale)
-        if resolved_image_score(self.config) == "peak+recon":
+        how = resolved_image_score(self.config)
+        if how in _COMPOSITE:
             if len(raws) < 2:
                 log.warning(
-                    "peak+recon weighs its two parts by their spread over the validation "
-                    "images, and %d is too few: they are added unweighed (raise "
-                    "data.val_fraction)",
+                    "%s weighs its parts by their spread over the validation images, and %d "
+                    "is too few: they are added unweighed (raise data.val_fraction)",
+                    how,
                     len(raws),
                 )
-            peaks = [
-                self._peak(raw, _standardised(*raw, base, self.eval.score), base) for raw in raws
-            ]
+            score = self.eval.score
+            peaks = [self._peak(r, _standardised(r.nll, r.rec, base, score), base) for r in raws]
             base = replace(
                 base,
                 image_peak=_image_part(peaks),
-                image_rec=_image_part([_log_mse(raw[1]) for raw in raws]),
+                image_rec=_image_part([_log_mse(r.rec) for r in raws]),
             )
+            if how == "peak+recon+neighbour":
+                base = replace(base, image_near=_image_part([_log_near(r.near) for r in raws]))
         maps, scores = zip(
             *(
                 self.scored(raw, corners, item.shape, base)
@@ -393,6 +463,7 @@ class Scorer:
             image_threshold=threshold,
             display_low=low,
             display_high=low + 2 * max(threshold - low, 1e-6),
+            made_for=calibration_key(self.config),
         )
 
 
@@ -409,16 +480,20 @@ def _refit(config: Config, how: str) -> Config:
     return config.override(train={"mixture_fit": how})
 
 
-def _read_calibration(path: Path, scale: str, image_parts: bool) -> Calibration | None:
-    """A run's stored calibration, or None if it is missing, outdated, for another scale,
-    or without the image-level parts that the image score needs (`image_parts`)."""
+def _read_calibration(path: Path, config: Config) -> Calibration | None:
+    """A run's stored calibration, or None if it is missing or unreadable, or was made for
+    other evaluation settings (`calibration_key`). One written before the settings were
+    recorded is kept when it is for the same scale and the image score needs no
+    image-level parts (the same threshold as a new one would have)."""
     try:
         cal = Calibration.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if image_parts and cal.image_peak == _UNSCALED:
+    if cal.made_for is not None:
+        return cal if cal.made_for == calibration_key(config) else None
+    if resolved_image_score(config) in _COMPOSITE:
         return None
-    return cal if cal.scale == scale else None
+    return cal if cal.scale == config.eval.scale else None
 
 
 def evaluate_run(
@@ -478,6 +553,7 @@ def evaluate_run(
         "image_score": resolved_image_score(c),
         "peak_patches": scorer.eval.peak_patches,
         "recon_weight": scorer.eval.recon_weight,
+        "neighbour_weight": scorer.eval.neighbour_weight,
         "smoothing_sigma": scorer.eval.smoothing_sigma,
         "grid_shifts": scorer.eval.grid_shifts,
         "mdn_loss": c.train.mdn_loss,

@@ -208,11 +208,9 @@ def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BES
     # (which belongs to the run's final evaluation).
     config = load_stored_config(Path(run_dir) / "config.yaml")
     scorer = Scorer(run_dir, checkpoint=checkpoint, eval_overrides={"score": config.eval.score})
-    nll, rec = scorer.raw(split.images)
+    raws = scorer.raw(split.images).split(range(1, len(split.images)))
     shape = split.images.shape[1:3]
-    maps, scores = zip(
-        *(scorer.scored((nll[i : i + 1], rec[i : i + 1]), None, shape) for i in range(len(nll)))
-    )
+    maps, scores = zip(*(scorer.scored(raw, None, shape) for raw in raws))
     maps = list(maps)
     masks = list(split.masks)
     return {
