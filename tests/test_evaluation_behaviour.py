@@ -24,6 +24,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from vtadl.checkpoints import LAST
 from vtadl.cli import app
 from vtadl.config import Config, default_config, resolved_image_score
 from vtadl.data import index_dataset
@@ -556,13 +557,28 @@ def test_peak_recon_neighbour_adds_the_distance_to_the_nearest_training_image(
     # The threshold is the highest validation image's score, in the same units.
     z_val = (val - val.mean(0)) / val.std(0)
     assert cal.image_threshold == pytest.approx((z_val @ np.array([1, 0.3, 0.5])).max(), abs=1e-4)
-    # A training image is its own nearest neighbour.
+    # A training image is its own nearest neighbour; such a near-duplicate's distance
+    # counts as a tenth of the validation images' median, not as the log of about zero.
     first = src.model_input("train", 0)[0]
-    assert scorer.raw(first).near[0] < 1e-3 * near_scale(test)
+    raw = scorer.raw(first)
+    assert raw.near[0] < 1e-3 * np.exp(test[:, 2]).min()
+    floor = 0.1 * np.median(np.exp(val[:, 2]))
+    assert cal.image_near.floor == pytest.approx(floor, rel=1e-6)
+    z_floor = (np.log(floor) - val[:, 2].mean()) / val[:, 2].std()
+    own = scorer.scored(raw, None, src.items("train")[0].shape)[1]
+    z_first = (np.array(parts_of(scorer, first)) - val[:, :2].mean(0)) / val[:, :2].std(0)
+    assert own == pytest.approx(z_first[0] + 0.3 * z_first[1] + 0.5 * z_floor, abs=1e-3)
+    # Another checkpoint is calibrated for itself, and the run's calibration stays.
+    before = (digits_run / "calibration.json").read_text()
+    Scorer(digits_run, checkpoint=LAST)
+    assert (digits_run / "calibration.json").read_text() == before
 
 
-def near_scale(parts: np.ndarray) -> float:
-    return float(np.exp(parts[:, 2]).min())
+def parts_of(scorer: Scorer, images: np.ndarray) -> tuple[float, float]:
+    """The peak and the log mean squared error of one image."""
+    cal, raw = scorer.calibration, scorer.raw(images)
+    peak = np.sort(cal.nll.apply(raw.nll[0], cal.scale).ravel())[-10:].mean()
+    return float(peak), float(np.log(raw.rec[0].mean()))
 
 
 def _split_inputs(src, split: str) -> np.ndarray:

@@ -51,6 +51,8 @@ def test_a_wrong_number_of_grids_is_refused() -> None:
 
 
 def test_only_a_kernel_by_position_makes_neighbours() -> None:
+    for condition in ("token", "position"):  # heads that predict a mixture per token
+        assert ImageNeighbours.of(create_model("vtadl_tiny", mdn_condition=condition)) is None
     model = create_model("vtadl_tiny", img_size=32)
     assert ImageNeighbours.of(model) is None  # a global head of K Gaussians
     tokens = np.random.default_rng(0).normal(size=(6, 16 * model.grid_size**2, 64))

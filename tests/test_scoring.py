@@ -115,6 +115,7 @@ def test_the_default_image_score_adds_whole_image_evidence_for_digits_only() -> 
         ({"eval": {"kernel_scope": "image"}}, "peak+recon"),
         ({"train": {"mixture_fit": "em"}}, "peak+recon"),
         ({"eval": {"image_score": "peak"}}, "peak"),
+        ({"eval": {"neighbour_weight": 0}}, "peak+recon"),
     ):
         chosen = config.override(data={"dataset": "mnist"}, **change)
         assert resolved_image_score(chosen) == resolved
@@ -124,9 +125,12 @@ def test_the_default_image_score_adds_whole_image_evidence_for_digits_only() -> 
         config.override(eval={"neighbour_weight": -0.5})
     with pytest.raises(ConfigError, match="needs a kernel by position"):
         config.override(eval={"image_score": digits})  # photographs: a kernel by image
-    assert (
-        resolved_image_score(
-            config.override(eval={"image_score": digits, "kernel_scope": "position"})
-        )
-        == digits
-    )
+    chosen = config.override(eval={"image_score": digits, "kernel_scope": "position"})
+    assert resolved_image_score(chosen) == digits
+    # A run stored before the neighbour term keeps the score it was made with.
+    from vtadl.config import Config, upgrade_stored
+
+    stored = config.override(data={"dataset": "mnist"}).to_dict()
+    del stored["eval"]["neighbour_weight"]
+    old = Config.from_dict(upgrade_stored(stored))
+    assert old.eval.neighbour_weight == 0 and resolved_image_score(old) == "peak+recon"

@@ -323,8 +323,8 @@ def evaluate(
         help="Image score: peak (the highest patch scores before smoothing), peak+recon "
         "(plus the image's reconstruction error), peak+recon+neighbour (plus its tokens' "
         "distance to the nearest training image's; a kernel by position), auto "
-        "(peak+recon+neighbour for mnist, else peak), or the smoothed map's max, mean or "
-        "top1pct.",
+        "(mnist: peak+recon+neighbour, or peak+recon without a kernel by position; else "
+        "peak), or the smoothed map's max, mean or top1pct.",
     ),
     peak_patches: int | None = typer.Option(
         None, help="The peak is the mean of this many highest patch scores (1: the highest)."

@@ -140,8 +140,9 @@ class EvalConfig:
     # image's tokens, all positions of all grids at once, to the nearest training image's,
     # standardised the same way: the image as a whole must resemble one normal image, not
     # each place some normal image (needs a kernel by position, `kernel_scope`).
-    # "auto": peak+recon+neighbour for the MNIST layout with a kernel by position,
-    # peak+recon for it otherwise, peak for every other layout (`resolved_image_score`).
+    # "auto": peak+recon+neighbour for the MNIST layout with a kernel by position (and a
+    # neighbour_weight above 0), peak+recon for it otherwise, peak for every other layout
+    # (`resolved_image_score`).
     image_score: str = "auto"
     peak_patches: int = 10
     recon_weight: float = 0.3
@@ -230,14 +231,15 @@ def kernel_scope(config: Config) -> str | None:
 def resolved_image_score(config: Config) -> str:
     """What `eval.image_score` comes to for this config (auto: for the MNIST layout, whose
     anomalies are whole digits of another class, peak+recon+neighbour with a kernel by
-    position and peak+recon without; peak for the rest, where defects are local and the
-    rest of the image says nothing about them)."""
+    position and a neighbour weight, else peak+recon; peak for the rest, where defects are
+    local and the rest of the image says nothing about them)."""
     how = config.eval.image_score
     if how != "auto":
         return how
     if config.data.dataset != "mnist":
         return "peak"
-    return "peak+recon+neighbour" if kernel_scope(config) == "position" else "peak+recon"
+    near = kernel_scope(config) == "position" and config.eval.neighbour_weight > 0
+    return "peak+recon+neighbour" if near else "peak+recon"
 
 
 def variant_config(name: str, **overrides: Any) -> ModelConfig:
@@ -296,6 +298,8 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
         ("eval", "grid_shifts", 1),
         ("eval", "kernel_scope", "image"),
         ("eval", "peak_patches", 1),
+        # before the neighbour term: auto was peak+recon for digits, as weight 0 scores it
+        ("eval", "neighbour_weight", 0.0),
     ):
         values = raw.get(section)
         if isinstance(values, dict) and key not in values:

@@ -260,10 +260,17 @@ def _log_mse(rec: np.ndarray) -> float:
     return float(np.log(rec.mean() + 1e-12))
 
 
-def _log_near(near: np.ndarray) -> float:
+# An image's distance to the nearest training image is taken as at least this fraction of
+# the validation images' median before its log: a near-duplicate of a training image (a
+# distance about 0) would otherwise give a log far below every other and, on a validation
+# image, swamp the part's spread.
+NEAR_FLOOR = 0.1
+
+
+def _log_near(near: np.ndarray, floor: float) -> float:
     """The log of an image's token distance to the nearest training image (of its tiles'
-    mean distance, if it has tiles)."""
-    return float(np.log(near.mean() + 1e-12))
+    mean distance, if it has tiles), at least `floor`."""
+    return float(np.log(max(float(near.mean()), floor) + 1e-12))
 
 
 def calibration_key(config: Config) -> dict:
@@ -272,6 +279,7 @@ def calibration_key(config: Config) -> dict:
     key = asdict(config.eval)
     key.pop("n_maps", None)
     key["image_score"] = resolved_image_score(config)
+    key["kernel_scope"] = kernel_scope(config)
     return key
 
 
@@ -340,10 +348,11 @@ class Scorer:
                 "image_score peak+recon+neighbour needs a kernel by position, and this run's "
                 "mixture is not one"
             )
-        # The calibration of the run's own score is kept; other scores and mixtures are
-        # calibrated afresh, and so is a calibration made for other settings (the run's
-        # config.yaml edited) or by an older version that lacks what the score needs.
-        own = not (overrides or refitted)
+        # The calibration of the run's own score and best checkpoint is kept; other scores,
+        # mixtures and checkpoints are calibrated afresh, and so is a calibration made for
+        # other settings (another version's defaults) or by an older version that lacks
+        # what the score needs.
+        own = not (overrides or refitted) and checkpoint == BEST
         cal_path = self.run_dir / "calibration.json"
         self.calibration = _read_calibration(cal_path, self.config) if own else None
         if self.calibration is None:
@@ -412,7 +421,8 @@ class Scorer:
         total = cal.image_peak.apply(peak, "linear")
         total += e.recon_weight * cal.image_rec.apply(_log_mse(raw.rec), "linear")
         if how == "peak+recon+neighbour":
-            total += e.neighbour_weight * cal.image_near.apply(_log_near(raw.near), "linear")
+            near = _log_near(raw.near, cal.image_near.floor)
+            total += e.neighbour_weight * cal.image_near.apply(near, "linear")
         return amap, float(total)
 
     def _peak(self, raw: Raw, small: np.ndarray, cal: Calibration):
@@ -449,7 +459,9 @@ class Scorer:
                 image_rec=_image_part([_log_mse(r.rec) for r in raws]),
             )
             if how == "peak+recon+neighbour":
-                base = replace(base, image_near=_image_part([_log_near(r.near) for r in raws]))
+                floor = NEAR_FLOOR * float(np.median([r.near.mean() for r in raws]))
+                part = _image_part([_log_near(r.near, floor) for r in raws])
+                base = replace(base, image_near=replace(part, floor=floor))
         maps, scores = zip(
             *(
                 self.scored(raw, corners, item.shape, base)

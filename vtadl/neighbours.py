@@ -8,18 +8,36 @@ left closed: at most single places some thin 8 or curled 3 looks the same). Here
 tokens at every position of every shifted grid are compared with each training image's at
 the same positions, all at once: the Euclidean distance between the two concatenated token
 sets, to the nearest training image. The training tokens are the kernel's own means, held by
-position, so nothing is encoded or stored twice.
+position, so nothing is encoded or stored twice. With tiles (`data.tile`), the kernel's
+training images are tiles, and so are the rows compared: each tile's nearest training tile.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 from vtadl.model import VTADL
 
-# Training images whose distance is taken exactly, the nearest by the quick expansion: its
-# rounding (a relative 1e-7 of |x|^2) cannot reorder images farther apart than that.
-CANDIDATES = 4
+# Training images whose distance is taken exactly (float64, on the CPU), the nearest by the
+# quick float32 products: those can misorder only images whose distances differ by less
+# than their rounding, a small fraction of the spread between training images.
+CANDIDATES = 8
+# Positions multiplied at once in the quick products (bounds a (positions, batch, images)
+# temporary).
+POSITIONS_PER_PRODUCT = 256
+
+
+@contextmanager
+def _full_float32():
+    """float32 products at full precision (a CUDA run may have allowed TF32 for training)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class ImageNeighbours:
@@ -27,59 +45,56 @@ class ImageNeighbours:
     the distance of whole images' tokens to the nearest of them."""
 
     def __init__(self, means: torch.Tensor, tokens_per_grid: int) -> None:
-        # means: (S * L, images, D), offset k's grid cell l at k * L + l
+        # means: (S * L, images, D), offset k's grid cell l at k * L + l; used as they are,
+        # not copied
         if means.ndim != 3 or means.shape[0] % tokens_per_grid:
             raise ValueError(
                 f"means by position of shape {tuple(means.shape)} do not hold grids of "
                 f"{tokens_per_grid} tokens"
             )
-        self.tokens = means.detach().float()  # as given, for the exact distances
-        # Centred at each position for the quick expansion (the squared distance is a small
-        # difference of large terms otherwise: tokens sit far from zero)
-        self.centre = self.tokens.mean(1)  # (S * L, D)
-        self.means = self.tokens - self.centre[:, None]
-        self.tokens_per_grid = tokens_per_grid
+        self.tokens = means.detach()
         self.grids = means.shape[0] // tokens_per_grid
-        # |m_i|^2 of each training image on each grid: (S, images)
-        self.norms = torch.stack(
-            [self._grid(k).square().sum((0, 2)) for k in range(self.grids)]
-        ).double()
+        # Products are taken of tokens centred at each position: the squared distance is a
+        # small difference of large terms otherwise (tokens sit far from zero).
+        self.centre = self.tokens.float().mean(1)  # (S * L, D)
+        norms = torch.zeros(means.shape[1], dtype=torch.float64)
+        for p, centre in zip(self.tokens, self.centre):
+            norms += (p.double() - centre.double()).square().sum(1).cpu()
+        self.norms = norms.float().to(means.device)  # |m_i - c|^2 over all positions
 
     @classmethod
     def of(cls, model: VTADL) -> ImageNeighbours | None:
         """The model's kernel by position as neighbours, or None when its head holds another
         kind of mixture."""
-        means = model.mdn.means
-        if model.mdn.condition != "global" or means.ndim != 3:
+        head = model.mdn
+        if head.condition != "global" or head.means.ndim != 3:
             return None
-        return cls(means, model.grid_size**2)
-
-    def _cells(self, k: int) -> slice:
-        return slice(k * self.tokens_per_grid, (k + 1) * self.tokens_per_grid)
-
-    def _grid(self, k: int) -> torch.Tensor:
-        return self.means[self._cells(k)]
+        return cls(head.means, model.grid_size**2)
 
     @torch.no_grad()
     def distance(self, grids: list[torch.Tensor]) -> torch.Tensor:
         """grids[k]: the tokens of a batch of images on grid k, (B, L, D) -> the distance of
-        each image's tokens on all grids to the nearest training image's: (B,) float64.
-        The squared distances to every training image are summed over the grids as
-        |x|^2 + |m|^2 - 2 x.m (centred tokens, products in float32), which finds the
-        nearest few; their distances are then taken exactly, as sums of squared
-        differences in float64."""
+        each image's tokens on all grids to the nearest training image's: (B,) float64, on
+        the CPU. The nearest few are found by |x - c|^2 + |m - c|^2 - 2 (x - c).(m - c) in
+        float32, c the training tokens' mean at each position; their distances are then
+        taken exactly, as sums of squared differences in float64."""
         if len(grids) != self.grids:
             raise ValueError(f"{len(grids)} grids of tokens, the neighbours hold {self.grids}")
-        x = torch.cat(grids, 1).float().to(self.means.device)  # (B, S * L, D)
-        total = None
-        for k in range(self.grids):
-            xk = x[:, self._cells(k)] - self.centre[self._cells(k)]
-            dot = torch.einsum("bld,lnd->bn", xk, self._grid(k)).double()
-            sq = xk.square().sum((1, 2)).double()[:, None] + self.norms[k][None] - 2 * dot
-            total = sq if total is None else total + sq
-        nearest = total.topk(min(CANDIDATES, total.shape[1]), dim=1, largest=False).indices
+        x = torch.cat(grids, 1).float().to(self.tokens.device)  # (B, S * L, D)
+        xc = (x - self.centre).transpose(0, 1)  # (S * L, B, D)
+        with _full_float32():
+            dot = torch.zeros(len(x), self.tokens.shape[1], device=x.device)
+            for start in range(0, len(xc), POSITIONS_PER_PRODUCT):
+                at = slice(start, start + POSITIONS_PER_PRODUCT)
+                m = self.tokens[at].float()  # (P, images, D)
+                # (x - c).(m - c) = (x - c).m - (x - c).c
+                dot += torch.bmm(xc[at], m.transpose(1, 2)).sum(0)
+                dot -= (xc[at] * self.centre[at, None]).sum((0, 2))[:, None]
+        sq = xc.square().sum((0, 2))[:, None] + self.norms[None] - 2 * dot
+        nearest = sq.topk(min(CANDIDATES, sq.shape[1]), dim=1, largest=False).indices.cpu()
+        x64 = x.cpu().double()
         exact = [
-            (x[b, :, None].double() - self.tokens[:, near].double()).square().sum((0, 2)).min()
+            (x64[b, :, None] - self.tokens[:, near].cpu().double()).square().sum((0, 2)).min()
             for b, near in enumerate(nearest)
         ]
         return torch.stack(exact).sqrt()
