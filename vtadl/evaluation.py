@@ -219,7 +219,8 @@ def raw_scores(
         for k, (dy, dx) in enumerate(offsets):
             n, r, t = _patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
             grids.append(n)
-            tokens.append(t)
+            if neighbours is not None:  # held for the batch only when they are compared
+                tokens.append(t)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
         nll.append(torch.stack(grids, 1).cpu().numpy())
@@ -338,16 +339,14 @@ class Scorer:
             )
             apply_mixture(self.model, params)
         self.kernel = prepared_kernel(self.model, self.config)
-        self.neighbours = (
-            ImageNeighbours.of(self.model)
-            if resolved_image_score(self.config) == "peak+recon+neighbour"
-            else None
-        )
-        if self.neighbours is None and resolved_image_score(self.config) == "peak+recon+neighbour":
-            raise ConfigError(
-                "image_score peak+recon+neighbour needs a kernel by position, and this run's "
-                "mixture is not one"
-            )
+        self.neighbours = None
+        if resolved_image_score(self.config) == "peak+recon+neighbour":
+            self.neighbours = ImageNeighbours.of(self.model)
+            if self.neighbours is None:
+                raise ConfigError(
+                    "image_score peak+recon+neighbour needs a kernel by position, and this "
+                    "run's mixture is not one"
+                )
         # The calibration of the run's own score and best checkpoint is kept; other scores,
         # mixtures and checkpoints are calibrated afresh, and so is a calibration made for
         # other settings (another version's defaults) or by an older version that lacks
