@@ -17,6 +17,14 @@ from vtadl.exceptions import ConfigError, DataError
 
 ArrayList = Sequence[np.ndarray] | np.ndarray
 
+# The three headline metrics, keyed as in metrics.json, with the label every table and plot
+# shows (the console, `vtadl results`, the HTML report): one name per number.
+LABELS = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "au_pro": "AU-PRO (FPR<=0.3)",
+}
+
 # 8-connectivity, as in the official MVTec AD evaluation.
 _STRUCTURE = np.ones((3, 3), dtype=bool)
 
