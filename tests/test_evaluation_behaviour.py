@@ -33,9 +33,10 @@ from vtadl.data.images import MASK_THRESHOLD, load_mask
 from vtadl.data.mnist import MNIST_FILES, write_idx
 from vtadl.data.prepare import split_samples
 from vtadl.data.source import FileSource, PackSource, category_source
-from vtadl.evaluation import Scorer, _standardised, evaluate_run, predict
+from vtadl.evaluation import Scorer, _standardised, evaluate_run
 from vtadl.exceptions import VtadlError
 from vtadl.grids import grid_offsets, shift_images
+from vtadl.prediction import predict
 from vtadl.training import fit
 
 CATEGORY = "plate"

@@ -12,9 +12,10 @@ from PIL import Image
 
 import vtadl.training as training
 from vtadl.config import Config, load_config
-from vtadl.evaluation import evaluate_run, predict
+from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
 from vtadl.losses import LossTerms
+from vtadl.prediction import predict
 from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
 
 CATEGORY = "brick"  # the demo category of conftest.demo_root

@@ -383,9 +383,9 @@ def predict(
 
     Exit code 1 when some images could not be read; the others are scored all the same.
     """
-    from vtadl.evaluation import predict as predict_images
+    from vtadl.prediction import predict
 
-    result = predict_images(run_dir, images, out_dir)
+    result = predict(run_dir, images, out_dir)
     for failure in result["failed"]:
         err.print(
             f"[yellow]skipped:[/yellow] {escape(failure['error'])}", highlight=False, soft_wrap=True

@@ -1,4 +1,4 @@
-"""Anomaly maps, exact metrics on the test split, and heat maps; `predict` scores new images.
+"""Anomaly maps, exact metrics on the test split, and heat maps.
 
 A map starts at model resolution from two raw scores: the per-patch mixture NLL on the token
 grid and the per-pixel squared reconstruction error. Both are heavy tailed: a defect's
@@ -639,11 +639,3 @@ def _write_sample_maps(out: Path, src: Source, items, maps, masks, scores, cal, 
             high=cal.display_high,
             mask=masks[i] if masks[i].any() else None,
         )
-
-
-def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) -> dict:
-    """Score new images with a run: a heat map each and out/scores.json, which this returns
-    (see `vtadl.prediction`)."""
-    from vtadl.prediction import predict_images
-
-    return predict_images(Scorer(run_dir), inputs, out)

@@ -124,6 +124,12 @@ def _write_map(out: Path, path: Path, name: Path, image, amap, score: float, cal
     }
 
 
+def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) -> dict:
+    """Score new images with a run's best checkpoint: a heat map each and out/scores.json,
+    which this returns."""
+    return predict_images(Scorer(run_dir), inputs, out)
+
+
 def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path) -> dict:
     """A heat map for each image and out/scores.json, which this returns. Images are read
     and scored IMAGES_PER_PASS at a time."""
