@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from vtadl.checkpoints import LAST
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.config import Config, default_config, resolved_image_score
 from vtadl.data import index_dataset
 from vtadl.data.check import check_dataset
@@ -33,10 +33,12 @@ from vtadl.data.images import MASK_THRESHOLD, load_mask
 from vtadl.data.mnist import MNIST_FILES, write_idx
 from vtadl.data.prepare import split_samples
 from vtadl.data.source import FileSource, PackSource, category_source
-from vtadl.evaluation import Scorer, _standardised, evaluate_run
+from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import VtadlError
-from vtadl.grids import grid_offsets, shift_images
 from vtadl.prediction import predict
+from vtadl.scoring.grids import grid_offsets, shift_images
+from vtadl.scoring.maps import standardised
+from vtadl.scoring.scorer import Scorer
 from vtadl.training import fit
 
 CATEGORY = "plate"
@@ -422,7 +424,7 @@ def test_the_peak_scores_an_image_by_its_highest_patches(plate_run: Path) -> Non
     # With the reconstruction error in the map, the peak is the map's at model resolution.
     both = Scorer(plate_run, eval_overrides={"score": "nll+recon"})
     raw = both.raw(src.model_input("test", 0)[0])
-    small = np.sort(_standardised(raw.nll, raw.rec, both.calibration, "nll+recon").ravel())
+    small = np.sort(standardised(raw.nll, raw.rec, both.calibration, "nll+recon").ravel())
     assert both.scored(raw, None, item.shape)[1] == pytest.approx(float(small[-10:].mean()))
 
 

@@ -13,19 +13,16 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 import vtadl.losses
+from vtadl.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
-from vtadl.evaluation import Scorer, evaluate_run
+from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError
-from vtadl.losses import Kernel, mixture_nll, reference_nll
-from vtadl.mixture_fit import apply_mixture, fit_mixture, kernel_mixture, training_tokens
+from vtadl.losses import mixture_nll, reference_nll
 from vtadl.model import Mixture, create_model
-from vtadl.training import (
-    fit,
-    load_checkpoint,
-    loss_terms,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from vtadl.scoring.kernel import Kernel
+from vtadl.scoring.mixture_fit import apply_mixture, fit_mixture, kernel_mixture, training_tokens
+from vtadl.scoring.scorer import Scorer
+from vtadl.training import fit, loss_terms
 
 
 @pytest.mark.parametrize("positions", [1, 5], ids=["global", "per-position"])
@@ -114,7 +111,7 @@ def test_a_prepared_kernel_scores_the_mixture_nll(monkeypatch) -> None:
 
 
 def test_a_kernel_run_is_scored_by_the_prepared_kernel_as_by_the_mixture(em_run: Path) -> None:
-    from vtadl.evaluation import raw_scores
+    from vtadl.scoring.raw import raw_scores
 
     scorer = Scorer(em_run, mixture_fit="kernel")
     assert isinstance(scorer.kernel, Kernel)
@@ -134,7 +131,7 @@ def test_the_log_sum_is_exact_with_terms_far_below_its_largest() -> None:
     # of -inf: as torch.logsumexp, to float32 precision.
     a = torch.tensor([[0.0, -90.0, -500.0, -1e4], [-300.0, -300.5, -1e9, -1e9]])
     a = torch.cat([a, torch.full((1, 4), -math.inf)])
-    got = vtadl.losses._logsumexp(a)
+    got = vtadl.losses.floored_logsumexp(a)
     torch.testing.assert_close(got[:2], torch.logsumexp(a[:2].double(), -1).float())
     assert got[2] == -math.inf
 
@@ -288,7 +285,7 @@ def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour(
 def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
     em_run: Path, monkeypatch
 ) -> None:
-    from vtadl import mixture_fit
+    from vtadl.scoring import mixture_fit
 
     sizes = []
     fit_real = mixture_fit.fit_mixture
@@ -306,7 +303,7 @@ def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
 
 
 def test_a_kernel_keeps_up_to_its_own_cap_of_tokens_and_em_fewer(em_run: Path, monkeypatch) -> None:
-    from vtadl import mixture_fit
+    from vtadl.scoring import mixture_fit
 
     scorer = Scorer(em_run)
     model, source, device = scorer.model, scorer.source, scorer.device
@@ -339,12 +336,12 @@ def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> No
 
 
 def test_a_mixture_trained_with_the_network_cannot_be_refitted(tmp_path: Path) -> None:
-    from vtadl.evaluation import _refit
+    from vtadl.scoring.scorer import refit
 
     sgd = default_config("vtadl_tiny").override(train={"mixture_fit": "sgd"})
     with pytest.raises(ConfigError, match="fitted by sgd"):
-        _refit(sgd, "kernel")
-    assert _refit(default_config("vtadl_tiny"), "kernel").train.mixture_fit == "kernel"
+        refit(sgd, "kernel")
+    assert refit(default_config("vtadl_tiny"), "kernel").train.mixture_fit == "kernel"
 
 
 def test_a_kernel_by_position_scores_each_token_against_its_own_position_only() -> None:

@@ -1,4 +1,4 @@
-"""The whole-image token neighbour (vtadl.neighbours) against a brute-force distance."""
+"""The whole-image token neighbour (vtadl.scoring.neighbours) against a brute-force distance."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from vtadl.mixture_fit import apply_mixture, kernel_mixture
 from vtadl.model import create_model
-from vtadl.neighbours import ImageNeighbours
+from vtadl.scoring.mixture_fit import apply_mixture, kernel_mixture
+from vtadl.scoring.neighbours import ImageNeighbours
 
 GRIDS, CELLS, DIM, IMAGES = 3, 4, 5, 7
 

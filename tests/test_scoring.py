@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vtadl.evaluation import Calibration, Part, _standardised, grid_offsets, nll_map
+from vtadl.scoring.calibration import Calibration, Part
+from vtadl.scoring.grids import grid_offsets, nll_map
+from vtadl.scoring.maps import standardised
 
 
 def test_part_standardises_validation_scores() -> None:
@@ -47,7 +49,7 @@ def test_log_scale_keeps_an_extreme_patch_from_swamping_its_neighbours() -> None
     out = {}
     for scale in ("linear", "log"):
         cal = Calibration.fit(val, np.ones((4, 64, 64)), scale)
-        amap = gaussian_filter(_standardised(test, np.ones((1, 64, 64)), cal, "nll")[0], 4)
+        amap = gaussian_filter(standardised(test, np.ones((1, 64, 64)), cal, "nll")[0], 4)
         out[scale] = amap[halo], amap[mild]
     assert out["linear"][0] > out["linear"][1]
     assert out["log"][0] < out["log"][1]

@@ -159,3 +159,20 @@ def au_pro(maps: ArrayList, masks: ArrayList, fpr_limit: float = 0.3) -> float:
         raise ConfigError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fpr, pro = pro_curve(maps, masks)
     return _area_to(fpr, pro, float(fpr_limit)) / fpr_limit
+
+
+def headline(
+    scores: np.ndarray | Sequence[float],
+    labels: np.ndarray | Sequence[int],
+    maps: ArrayList | None = None,
+    masks: ArrayList | None = None,
+    fpr_limit: float = 0.3,
+) -> dict[str, float | None]:
+    """The three headline metrics (keys of `LABELS`): image AUROC of the image scores, and,
+    given maps and masks, pixel AUROC and AU-PRO up to `fpr_limit` (else None)."""
+    pixels = maps is not None and masks is not None
+    return {
+        "image_auroc": image_auroc(scores, labels),
+        "pixel_auroc": pixel_auroc(maps, masks) if pixels else None,
+        "au_pro": au_pro(maps, masks, fpr_limit=fpr_limit) if pixels else None,
+    }

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vtadl.config import resolved_image_score
 from vtadl.data.images import load_image, resize_rgb
 from vtadl.data.samples import is_image_file
 from vtadl.data.tiles import cut_tiles
-from vtadl.evaluation import IMAGES_PER_PASS, Scorer
 from vtadl.exceptions import DataError, VtadlError
+from vtadl.scoring.scorer import Scorer, raw_in_passes
 from vtadl.visualize import save_heatmap
 
 log = logging.getLogger(__name__)
@@ -101,6 +100,10 @@ def _read_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, np.n
     return image, inputs, corners
 
 
+def _inputs_of(read: tuple) -> np.ndarray:
+    return read[3]
+
+
 def _write_map(out: Path, path: Path, name: Path, image, amap, score: float, cal) -> dict:
     """An image's heat map, written under `out`, and its entry in scores.json."""
     with _writing(out / name) as target:
@@ -136,23 +139,24 @@ def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path
     named = _named_inputs(inputs)
     out = _output_folder(Path(out))
     cal = scorer.calibration
-    scored, failed = [], []
-    for start in range(0, len(named), IMAGES_PER_PASS):
-        read = []
-        for path, name in named[start : start + IMAGES_PER_PASS]:
+    failed: list[dict] = []
+
+    def readable():
+        for path, name in named:
             try:
-                read.append((path, name, *_read_file(scorer, path)))
+                yield (path, name, *_read_file(scorer, path))
             except DataError as exc:
                 log.info("skipped %s: %s", path, exc)
                 failed.append({"image": str(path), "error": str(exc)})
-        raws = scorer.raw_many([inputs for *_, inputs, _ in read]) if read else []
-        for (path, name, image, _, corners), raw in zip(read, raws):
-            amap, score = scorer.scored(raw, corners, image.shape[:2])
-            scored.append(_write_map(out, path, name, image, amap, score, cal))
+
+    scored = []
+    for (path, name, image, _, corners), raw in raw_in_passes(scorer, readable(), _inputs_of):
+        amap, score = scorer.scored(raw, corners, image.shape[:2])
+        scored.append(_write_map(out, path, name, image, amap, score, cal))
     result = {
         "run_dir": str(scorer.run_dir),
         "threshold": cal.image_threshold,
-        "image_score": resolved_image_score(scorer.config),
+        "image_score": scorer.image_score,
         "images": scored,
         "failed": failed,
     }

@@ -27,7 +27,7 @@ class MixtureDensityHead(nn.Module):
     scores. `condition="global"` is one mixture for every token, wherever it sits, which
     suits products that are not aligned (textures, parts anywhere in the picture): its weights,
     means and log variances are parameters themselves (K * (2D + 1) numbers, not two D -> K*D
-    maps), fitted by the loss or by EM after training (vtadl.mixture_fit). The log variances
+    maps), fitted by the loss or by EM after training (vtadl.scoring.mixture_fit). The log variances
     are raw; the loss decides how to bound them.
     """
 
@@ -54,7 +54,7 @@ class MixtureDensityHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: int = 0) -> Mixture:
         """The mixture of each token. A global head given one mixture per position (a kernel
-        by position, vtadl.mixture_fit) holds the positions of every shifted grid in turn:
+        by position, vtadl.scoring.mixture_fit) holds the positions of every shifted grid in turn:
         `grid` picks the tokens' grid."""
         if self.condition == "global" and self.means.ndim == 3:
             n = tokens.shape[1]

@@ -1,6 +1,6 @@
 """The distance from a whole image's tokens to the nearest training image's.
 
-A kernel by position (`eval.kernel_scope: position`, vtadl.mixture_fit) scores each token
+A kernel by position (`eval.kernel_scope: position`, vtadl.scoring.mixture_fit) scores each token
 against the training tokens at its own place, so an image is normal when each of its places
 resembles some training image there, possibly a different one at each place. A digit of
 another class can pass that way (a 1 is an 8 with strokes missing, a 9 a 3 with its upper

@@ -31,8 +31,8 @@ from sklearn.mixture import GaussianMixture
 
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source
-from vtadl.grids import grid_offsets, shift_images
 from vtadl.model import VTADL
+from vtadl.scoring.grids import grid_offsets, shift_images
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,95 @@
+"""The raw scores of model inputs: the mixture NLL of every patch on every shifted grid, the
+squared reconstruction error of every pixel and, when asked for, the distance of an input's
+tokens to the nearest training image's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from vtadl.config import Config
+from vtadl.data.prepare import to_float
+from vtadl.devices import autocast
+from vtadl.losses import MDN_LOSS_FUNCTIONS
+from vtadl.model import VTADL, Mixture
+from vtadl.scoring.grids import grid_offsets, shift_images
+from vtadl.scoring.kernel import Kernel
+from vtadl.scoring.neighbours import ImageNeighbours
+
+
+class Raw(NamedTuple):
+    """The raw scores of a batch of model inputs (images, or tiles): the mixture NLL of
+    every patch on every shifted grid (N, S, g, g), the squared reconstruction error per
+    pixel (N, H, W), and, when asked for, the distance of each input's tokens to the
+    nearest training image's (N,), else None."""
+
+    nll: np.ndarray
+    rec: np.ndarray
+    near: np.ndarray | None = None
+
+    def split(self, cuts: Sequence[int]) -> list[Raw]:
+        """The scores of consecutive groups of inputs, cut before each index in `cuts`."""
+        parts = [np.split(a, cuts) if a is not None else [None] * (len(cuts) + 1) for a in self]
+        return [Raw(*group) for group in zip(*parts)]
+
+
+@torch.no_grad()
+def patch_nll(
+    model: VTADL, x: torch.Tensor, config: Config, grid: int = 0, kernel: Kernel | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch NLL on the token grid (B, g, g), the squared reconstruction error averaged
+    over channels (B, H, W), and the tokens (B, L, D). `grid`: the index of x's shifted
+    grid; `kernel`: the head's mixture prepared as a kernel (`prepared_kernel`), which
+    scores the same NLL."""
+    with autocast(x.device, config.train.precision):
+        out = model(x, grid=grid)
+    g = model.grid_size
+    if kernel is not None:
+        nll = kernel.nll(out.tokens.float())
+    else:
+        mixture = Mixture(*(t.float() for t in out.mixture))
+        nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
+    rec = (out.reconstruction.float() - x).square().mean(1)
+    return nll.view(-1, g, g), rec, out.tokens
+
+
+@torch.no_grad()
+def raw_scores(
+    model: VTADL,
+    images: np.ndarray,
+    config: Config,
+    device: torch.device,
+    batch_size: int = 8,
+    kernel: Kernel | None = None,
+    neighbours: ImageNeighbours | None = None,
+) -> Raw:
+    """uint8 (N, H, W, 3) images at model size -> the mixture NLL of every patch (N, S, g, g)
+    and the squared reconstruction error per pixel (N, H, W); given `neighbours`, also each
+    image's distance to the nearest training image in token space (N,).
+
+    S = `eval.grid_shifts`^2 patch grids: a grid of stride p sees a defect only in whole
+    p x p cells, so the image is also scored shifted by multiples of p/shifts pixels (reflect
+    padding at the border; offsets from `grid_offsets`), which samples the NLL on a finer
+    grid at S forward passes. `nll_map` puts the grids back together.
+    """
+    model.eval()
+    offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
+    nll, rec, near = [], [], []
+    for start in range(0, len(images), batch_size):
+        x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
+        x = x.permute(0, 3, 1, 2)
+        grids, tokens = [], []
+        for k, (dy, dx) in enumerate(offsets):
+            n, r, t = patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
+            grids.append(n)
+            if neighbours is not None:  # held for the batch only when they are compared
+                tokens.append(t)
+            if not (dy or dx):
+                rec.append(r.cpu().numpy())
+        nll.append(torch.stack(grids, 1).cpu().numpy())
+        if neighbours is not None:
+            near.append(neighbours.distance(tokens).cpu().numpy())
+    return Raw(np.concatenate(nll), np.concatenate(rec), np.concatenate(near) if near else None)

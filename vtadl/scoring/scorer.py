@@ -1,0 +1,237 @@
+"""A trained run, ready to score images: its best (or another) checkpoint loaded with any
+evaluation overrides, its mixture fitted after training if it is so made, and its
+calibration from the validation images."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from vtadl.checkpoints import BEST, model_from_checkpoint
+from vtadl.config import (
+    FITTED_AFTER_TRAINING,
+    Config,
+    EvalConfig,
+    kernel_scope,
+    resolved_image_score,
+)
+from vtadl.data.source import Source, category_source
+from vtadl.devices import pick_device
+from vtadl.exceptions import ConfigError, RunError
+from vtadl.scoring.calibration import (
+    COMPOSITE,
+    NEAR_FLOOR,
+    Calibration,
+    calibration_key,
+    image_part,
+    read_calibration,
+    store_calibration,
+)
+from vtadl.scoring.kernel import prepared_kernel
+from vtadl.scoring.maps import full_map, image_level, log_mse, log_near, peak, standardised
+from vtadl.scoring.mixture_fit import apply_mixture, fitted_mixture
+from vtadl.scoring.neighbours import ImageNeighbours
+from vtadl.scoring.raw import Raw, raw_scores
+
+log = logging.getLogger(__name__)
+
+# Test, validation and new images are scored this many at a time (their tiles together):
+# the batches of the forward pass fill, and the maps of only this many are held unscored.
+IMAGES_PER_PASS = 8
+
+T = TypeVar("T")
+
+
+class Scorer:
+    """A trained run, ready to turn images into full-resolution anomaly maps.
+
+    `eval_overrides` score it another way, `mixture_fit` refits its mixture (em or kernel,
+    for a run fitted either way); both are calibrated afresh without touching the run's
+    calibration.json, as is any checkpoint but the best.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        checkpoint: str = BEST,
+        eval_overrides: dict | None = None,
+        mixture_fit: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise RunError(f"run folder not found: {self.run_dir}")
+        self.config, model, self.state = model_from_checkpoint(
+            self.run_dir / "checkpoints" / checkpoint
+        )
+        overrides = {k: v for k, v in (eval_overrides or {}).items() if v is not None}
+        if overrides:
+            self.config = self.config.override(eval=overrides)
+        refitted = mixture_fit is not None and mixture_fit != self.config.train.mixture_fit
+        if refitted:
+            self.config = refit(self.config, mixture_fit)
+        # "auto" settings, resolved once for every image this scorer sees
+        self.image_score = resolved_image_score(self.config)
+        self.kernel_scope = kernel_scope(self.config)
+        self.device = pick_device(self.config.train.device)
+        self.model = model.to(self.device)
+        self._source: Source | None = None
+        if self.config.train.mixture_fit in FITTED_AFTER_TRAINING:
+            self._fit_mixture(checkpoint)
+        self.kernel = prepared_kernel(self.model, self.config)
+        self.neighbours = self._neighbours()
+        # The calibration of the run's own score and best checkpoint is kept; other scores,
+        # mixtures and checkpoints are calibrated afresh, and so is a calibration made for
+        # other settings (another version's defaults) or by an older version that lacks
+        # what the score needs.
+        own = not (overrides or refitted) and checkpoint == BEST
+        path = self.run_dir / "calibration.json"
+        self.calibration = read_calibration(path, self.config) if own else None
+        if self.calibration is None:
+            self.calibration = calibrate(self)
+            if own:
+                store_calibration(path, self.calibration)
+
+    def _fit_mixture(self, checkpoint: str) -> None:
+        params = fitted_mixture(
+            self.model,
+            self.run_dir,
+            checkpoint,
+            self.state["epoch"],
+            self.source,
+            self.device,
+            self.config.train.seed,
+            how=self.config.train.mixture_fit,
+            shifts=self.eval.grid_shifts,
+            by_position=self.kernel_scope == "position",
+        )
+        apply_mixture(self.model, params)
+
+    def _neighbours(self) -> ImageNeighbours | None:
+        if self.image_score != "peak+recon+neighbour":
+            return None
+        neighbours = ImageNeighbours.of(self.model)
+        if neighbours is None:
+            raise ConfigError(
+                "image_score peak+recon+neighbour needs a kernel by position, and this "
+                "run's mixture is not one"
+            )
+        return neighbours
+
+    @property
+    def eval(self) -> EvalConfig:
+        return self.config.eval
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = category_source(self.config)
+        return self._source
+
+    def raw(self, inputs: np.ndarray) -> Raw:
+        return raw_scores(
+            self.model,
+            inputs,
+            self.config,
+            self.device,
+            kernel=self.kernel,
+            neighbours=self.neighbours,
+        )
+
+    def raw_many(self, inputs: list[np.ndarray]) -> list[Raw]:
+        """The raw scores of several images (their inputs: one image, or its tiles each),
+        scored in shared batches: a mixture's per-call work (a kernel's tens of thousands
+        of Gaussians) is then spread over a whole batch, not repeated for every image."""
+        return self.raw(np.concatenate(inputs)).split(np.cumsum([len(x) for x in inputs])[:-1])
+
+    def scored(
+        self,
+        raw: Raw,
+        corners: np.ndarray | None,
+        shape: tuple[int, int],
+        calibration: Calibration | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """One image's map at its original resolution, from the raw scores of its input(s),
+        and its image score (`vtadl.scoring.maps.image_level`)."""
+        cal = calibration or self.calibration
+        small = standardised(raw.nll, raw.rec, cal, self.eval.score)
+        amap = full_map(small, corners, shape, self.eval.smoothing_sigma)
+        return amap, image_level(raw, small, amap, cal, self.eval, self.image_score)
+
+
+def raw_in_passes(
+    scorer: Scorer, items: Iterable[T], model_input: Callable[[T], np.ndarray]
+) -> Iterator[tuple[T, Raw]]:
+    """Each item with the raw scores of its model input, `IMAGES_PER_PASS` items scored
+    together; `items` is read lazily, a pass at a time."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, IMAGES_PER_PASS)):
+        yield from zip(chunk, scorer.raw_many([model_input(item) for item in chunk]))
+
+
+def calibrate(scorer: Scorer) -> Calibration:
+    """Standardisation and threshold from the validation images (normal, held out)."""
+    src, e, how = scorer.source, scorer.eval, scorer.image_score
+    items = src.items("val")
+    inputs = [src.model_input("val", i) for i in range(len(items))]
+    raws = [raw for _, raw in raw_in_passes(scorer, inputs, lambda x: x[0])]
+    base = Calibration.fit(
+        np.concatenate([r.nll for r in raws]), np.concatenate([r.rec for r in raws]), e.scale
+    )
+    if how in COMPOSITE:
+        base = _image_parts(base, raws, e, how)
+    maps, scores = zip(
+        *(
+            scorer.scored(raw, corners, item.shape, base)
+            for raw, (_, corners), item in zip(raws, inputs, items)
+        )
+    )
+    threshold = max(scores)
+    low = float(np.median(np.concatenate([m.ravel() for m in maps])))
+    return replace(
+        base,
+        image_threshold=threshold,
+        display_low=low,
+        display_high=low + 2 * max(threshold - low, 1e-6),
+        made_for=calibration_key(scorer.config),
+    )
+
+
+def _image_parts(base: Calibration, raws: list[Raw], e: EvalConfig, how: str) -> Calibration:
+    """The standardisation of a composite image score's parts over the validation images."""
+    if len(raws) < 2:
+        log.warning(
+            "%s weighs its parts by their spread over the validation images, and %d "
+            "is too few: they are added unweighed (raise data.val_fraction)",
+            how,
+            len(raws),
+        )
+    peaks = [peak(r, standardised(r.nll, r.rec, base, e.score), base, e) for r in raws]
+    base = replace(
+        base,
+        image_peak=image_part(peaks),
+        image_rec=image_part([log_mse(r.rec) for r in raws]),
+    )
+    if how == "peak+recon+neighbour":
+        floor = NEAR_FLOOR * float(np.median([r.near.mean() for r in raws]))
+        part = image_part([log_near(r.near, floor) for r in raws])
+        base = replace(base, image_near=replace(part, floor=floor))
+    return base
+
+
+def refit(config: Config, how: str) -> Config:
+    """The run's config with its mixture fitted after training another way: possible
+    between the fits that leave the trained network alone (em, kernel), not for a mixture
+    that was trained with it (sgd)."""
+    if config.train.mixture_fit not in FITTED_AFTER_TRAINING or how not in FITTED_AFTER_TRAINING:
+        raise ConfigError(
+            f"this run's mixture was fitted by {config.train.mixture_fit}; it can be refitted "
+            f"after training as {' or '.join(FITTED_AFTER_TRAINING)} only when it was fitted "
+            f"that way, got {how!r}"
+        )
+    return config.override(train={"mixture_fit": how})
