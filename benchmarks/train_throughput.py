@@ -44,15 +44,9 @@ import time
 import torch
 
 from vtadl.config import Config, default_config
+from vtadl.devices import pick_device, set_tf32
 from vtadl.model import build_model
-from vtadl.training import (
-    Engine,
-    Workers,
-    loss_terms,
-    pick_device,
-    set_tf32,
-    training_model,
-)
+from vtadl.training import Engine, Workers, loss_terms, training_model
 
 
 def _sync(device: torch.device) -> None:

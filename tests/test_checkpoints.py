@@ -11,10 +11,17 @@ import pytest
 import torch
 
 import vtadl.training as training
-from vtadl.checkpoints import CheckpointPolicy, CheckpointWriter, save_checkpoint
+from vtadl.checkpoints import (
+    CheckpointPolicy,
+    CheckpointWriter,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from vtadl.exceptions import TrainingError
+from vtadl.run_folders import latest_run
 from vtadl.runs import train_and_evaluate
-from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
+from vtadl.training import Callbacks, fit
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

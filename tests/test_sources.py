@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from vtadl.checkpoints import load_checkpoint
 from vtadl.config import default_config
 from vtadl.data.mnist import MNIST_FILES, write_idx
 from vtadl.data.pack import pack_category
 from vtadl.data.source import FileSource, PackSource, category_source
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError, DataError
-from vtadl.training import fit, load_checkpoint
+from vtadl.training import fit
 
 
 def _config(root: Path, out: Path, **data):

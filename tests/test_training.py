@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 
 import vtadl.training as training
+from vtadl.checkpoints import load_checkpoint, model_from_checkpoint
 from vtadl.config import Config, load_config
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
 from vtadl.losses import LossTerms
 from vtadl.prediction import predict
-from vtadl.training import Callbacks, fit, latest_run, load_checkpoint, model_from_checkpoint
+from vtadl.run_folders import latest_run
+from vtadl.training import Callbacks, fit
 
 CATEGORY = "brick"  # the demo category of conftest.demo_root
 
@@ -200,7 +202,7 @@ def test_evaluate_run_writes_metrics_and_maps(three_epochs: tuple[Config, Path])
 
 
 def test_an_outdated_calibration_is_recomputed(three_epochs: tuple[Config, Path]) -> None:
-    from vtadl.evaluation import Scorer
+    from vtadl.scoring.scorer import Scorer
 
     _, run_dir = three_epochs
     path = run_dir / "calibration.json"
@@ -337,7 +339,7 @@ def test_mnist_test_split_has_its_anomalies(tmp_path: Path) -> None:
 def test_token_noise_is_drawn_per_global_batch() -> None:
     # Worker r of w takes rows r, r+w, ... of the global batch's noise, as it takes those
     # images: together the workers use exactly the noise one process would.
-    from vtadl.training import token_noise
+    from vtadl.sampling import token_noise
 
     single = token_noise((5, 3), seed=1, epoch=2, step=7, batch=8, rank=0, world=1)
     assert single.shape == (8, 5, 3)

@@ -144,3 +144,75 @@ class CheckpointWriter:
             if future.done():
                 del self.pending[key]
                 future.result()
+
+
+class EpochCheckpoints:
+    """What the training loop keeps after an epoch: best.pt on every new best validation
+    loss (rank 0), and the resumable state when `CheckpointPolicy` says one is due.
+
+    Rank 0 decides whether one is due (the clock differs between workers; the loop shares
+    its decision). The last epoch's last.pt is always written; an earlier one is skipped
+    while the previous one is still being written, unless the workers keep checkpoints
+    themselves (Ray Train).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        folder: Path,
+        *,
+        lead: bool,
+        start: int,
+        best: float,
+        keeps_checkpoints: bool = False,
+        wait_for_best: bool = True,
+    ) -> None:
+        t = config.train
+        self.config, self.folder, self.lead, self.best = config, folder, lead, best
+        self.keeps_checkpoints, self.wait_for_best = keeps_checkpoints, wait_for_best
+        self.policy = CheckpointPolicy(
+            t.checkpoint_every_epochs, t.checkpoint_every_minutes, t.epochs, start=start
+        )
+        self.files = CheckpointWriter(background=lead and t.checkpoint_background)
+        self._new_best = False
+
+    def due(self, epochs_done: int) -> bool:
+        """Rank 0's decision whether a resumable checkpoint is due after this epoch."""
+        return self.lead and self.policy.due(epochs_done)
+
+    def keep(
+        self, epoch: int, record: dict[str, Any], state: Callable[[], dict], extra: dict, due: bool
+    ) -> dict[str, Any] | None:
+        """Mark the epoch's record `best` and `checkpoint`, and write what is due. `state`
+        gives the engine's state (model and optimiser), `extra` what a resume needs besides
+        (RNG, first loss). Returns the resumable state when one is due, else None."""
+        is_best = record["val_loss"] < self.best
+        self.best = min(self.best, record["val_loss"])
+        record["best"], record["checkpoint"] = is_best, due
+        self._new_best = self.lead and is_best
+        kept = {"config": self.config.to_dict(), "epoch": epoch, "best_val_loss": self.best}
+        weights = self.files.snapshot(state()) if due or self._new_best else {}
+        if self._new_best:
+            self.files.submit(
+                self.folder / BEST, {**kept, "model": weights["model"], "record": record}
+            )
+        if not due:
+            return None
+        resumable = {**kept, **weights, **extra, "record": dict(record)}
+        written = self.lead and (epoch + 1 == self.policy.epochs or not self.files.busy(LAST))
+        if written:
+            self.files.submit(self.folder / LAST, resumable)
+        if written or self.keeps_checkpoints:
+            self.policy.saved(epoch + 1)
+        else:
+            record["checkpoint"] = False
+        return resumable
+
+    def settle(self) -> None:
+        """After the epoch is reported: a new best.pt is on disk before callbacks that read
+        checkpoints hear of it."""
+        if self._new_best and self.wait_for_best:
+            self.files.wait(BEST)
+
+    def close(self) -> None:
+        self.files.close()

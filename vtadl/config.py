@@ -149,7 +149,7 @@ class EvalConfig:
     neighbour_weight: float = 0.5
     smoothing_sigma: float = 4.0
     # Score the patch grid at shifts x shifts offsets, interleaved into one grid of stride
-    # patch / shifts (a finer map for shifts^2 passes; vtadl.grids).
+    # patch / shifts (a finer map for shifts^2 passes; vtadl.scoring.grids).
     grid_shifts: int = 4
     # Which training tokens a kernel mixture (train.mixture_fit: kernel) scores a token
     # against: "image", all of them, wherever they sat (parts and textures anywhere in the
@@ -359,9 +359,17 @@ def validate_model(m: ModelConfig) -> ModelConfig:
 
 
 def validate(c: Config) -> Config:
+    """The config if every value is valid, else a ConfigError naming the first that is not."""
     validate_model(c.model)
-    t, d, e = c.train, c.data, c.eval
-    checks = [
+    for ok, message in [*_train_checks(c), *_data_checks(c.data), *_eval_checks(c)]:
+        if not ok:
+            raise ConfigError(message)
+    return c
+
+
+def _train_checks(c: Config) -> list[tuple[bool, str]]:
+    t = c.train
+    return [
         (t.epochs > 0, f"epochs must be positive, got {t.epochs}"),
         (t.batch_size > 0, f"batch size must be positive, got {t.batch_size}"),
         (t.lr > 0, f"learning rate must be positive, got {t.lr}"),
@@ -405,12 +413,23 @@ def validate(c: Config) -> Config:
             t.checkpoint_every_epochs >= 0 and t.checkpoint_every_minutes >= 0,
             "checkpoint_every_epochs and checkpoint_every_minutes must not be negative (0: off)",
         ),
+    ]
+
+
+def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    return [
         (0 < d.val_fraction < 1, f"val_fraction must be in (0, 1), got {d.val_fraction}"),
         (
             d.tile >= 0 and 0 <= d.tile_overlap < max(d.tile, 1),
             f"tiles need tile >= 0 and 0 <= overlap < tile, got {d.tile} and {d.tile_overlap}",
         ),
         (d.num_workers >= 0, f"num_workers must not be negative, got {d.num_workers}"),
+    ]
+
+
+def _eval_checks(c: Config) -> list[tuple[bool, str]]:
+    e = c.eval
+    return [
         (e.score in SCORES, f"score must be one of {SCORES}, got {e.score!r}"),
         (e.scale in SCORE_SCALES, f"score scale must be one of {SCORE_SCALES}, got {e.scale!r}"),
         (
@@ -445,10 +464,6 @@ def validate(c: Config) -> Config:
             f"to 1 or a divisor",
         ),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    return c
 
 
 def _replace(obj: Any, values: dict[str, Any], where: str) -> Any:

@@ -17,25 +17,15 @@ import json
 import logging
 import math
 import random
-import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from vtadl.checkpoints import (
-    BEST,
-    LAST,
-    CheckpointPolicy,
-    CheckpointWriter,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from vtadl.checkpoints import LAST, EpochCheckpoints, load_checkpoint
 from vtadl.config import (
     FITTED_AFTER_TRAINING,
     Config,
@@ -46,11 +36,12 @@ from vtadl.config import (
 )
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source, category_source
-from vtadl.exceptions import ConfigError, DataError, RunError, TrainingError
+from vtadl.devices import autocast, pick_device, set_tf32, to_device
+from vtadl.exceptions import ConfigError, DataError, TrainingError
 from vtadl.losses import vtadl_loss
 from vtadl.model import VTADL, build_model
-
-__all__ = ["BEST", "LAST", "load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
+from vtadl.run_folders import ensure_writable, new_run_dir, truncate_history
+from vtadl.sampling import EpochBatches, augment, flips, token_noise
 
 log = logging.getLogger(__name__)
 
@@ -83,129 +74,10 @@ class NoCallbacks(Callbacks):
     reads_checkpoints = False
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The torch device of a `--device` value; a ConfigError if it is unknown or absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            why = "this torch is built without CUDA" if not torch.version.cuda else "no GPU found"
-            raise ConfigError(f"device {name!r} is not available: {why}; use --device cpu")
-        if (device.index or 0) >= count:
-            raise ConfigError(f"device {name!r} does not exist: {count} GPU(s) found")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} is not available on this machine")
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 matmuls on CUDA (`train.tf32`); elsewhere nothing. cuDNN convolutions use TF32
-    by PyTorch's own default either way."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high" if enabled else "highest")
-
-
 def adam(model: torch.nn.Module, t: TrainConfig, fused: bool = False) -> torch.optim.Adam:
     return torch.optim.Adam(
         model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused or None
     )
-
-
-def new_run_dir(config: Config) -> Path:
-    d = config.data
-    parent = Path(config.train.out) / d.dataset / d.category
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir, n = parent / stamp, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = parent / f"{stamp}-{n}"
-    return run_dir
-
-
-def latest_run(out: str | Path, dataset: str, category: str) -> Path:
-    """The newest run folder of a category that has a checkpoint to resume from."""
-    parent = Path(out) / dataset / category
-    runs = sorted(p.parent.parent for p in parent.glob(f"*/checkpoints/{LAST}"))
-    if not runs:
-        raise RunError(f"no run with a checkpoint to resume under {parent}")
-    return runs[-1]
-
-
-class EpochBatches(Sampler[list[int]]):
-    """Global batches of a seeded permutation per epoch; each worker takes its slice.
-
-    Worker r of w gets items r, r+w, ... of each global batch, so the workers of a
-    distributed run see exactly the global batches a single process would see, whatever
-    their number. Call `set_epoch` before iterating.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1
-    ) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch = 0
-        # A last partial batch is dropped, unless it is the only one.
-        self.n_batches = max(1, n // batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=gen)
-        return [
-            perm[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.n_batches)
-        ]
-
-    def __iter__(self):
-        for batch in self.batches():
-            yield batch[self.rank :: self.world].tolist()
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-
-def _step_generator(seed: int, epoch: int, step: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_019 + epoch * 10_007 + step + (stream << 40))
-
-
-def _flips(seed: int, epoch: int, step: int, batch: int, rank: int, world: int) -> torch.Tensor:
-    """Horizontal and vertical flip decisions (2, local batch) for one step, drawn for the
-    global batch so that they do not depend on the number of workers."""
-    gen = _step_generator(seed, epoch, step, stream=0)
-    return (torch.rand(2, batch, generator=gen) < 0.5)[:, rank::world]
-
-
-def token_noise(
-    shape: tuple[int, int], seed: int, epoch: int, step: int, batch: int, rank: int, world: int
-) -> torch.Tensor:
-    """Standard normal noise (local batch, tokens, dim) for the tokens of one step, drawn for
-    the global batch like the flips: worker r of w takes rows r, r+w, ..."""
-    gen = _step_generator(seed, epoch, step, stream=1)
-    return torch.randn(batch, *shape, generator=gen)[rank::world]
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without making the host wait for the device: pinned and
-    copied asynchronously on CUDA (a plain copy of pageable memory synchronises)."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
-
-
-def _augment(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    flips = to_device(flips[:, : len(images), None, None, None], images.device)
-    images = torch.where(flips[0], images.flip(3), images)
-    return torch.where(flips[1], images.flip(2), images)
 
 
 def loss_terms(model: torch.nn.Module, images: torch.Tensor, config: Config, cast=None, noise=None):
@@ -331,18 +203,6 @@ def fit(
     return run_dir
 
 
-def ensure_writable(folder: Path) -> None:
-    """Create `folder` if needed and make sure files can be written in it: a ConfigError
-    naming the folder, before any work, instead of a failure after packing or training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to the runs folder {folder}: {exc.strerror or exc}"
-        ) from None
-
-
 def prepare_source(config: Config) -> Source:
     """The category's images (packed first if the config says so), refused when its test
     split cannot be evaluated: the metrics need normal and anomalous test images."""
@@ -362,50 +222,27 @@ def prepare_source(config: Config) -> Source:
 
 def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callbacks) -> None:
     """The loop itself, the same in one process and in every distributed worker."""
-    t, rank, world = config.train, workers.rank, workers.world
-    lead = rank == 0
-    ckpt_dir = run_dir / "checkpoints"
+    t, lead = config.train, workers.rank == 0
     device = workers.device(config)
     set_tf32(device, t.tf32)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-
+    _seed_everything(t.seed)
     source = prepare_source(config)
-    train_set, val_set = source.dataset("train"), source.dataset("val")
-    sampler = EpochBatches(len(train_set), t.batch_size, seed=t.seed, rank=rank, world=world)
-    nw, pin = config.data.num_workers, device.type == "cuda"
-    train_loader = DataLoader(
-        train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
-    )
-    # Persistent loader processes are forked once, before the checkpoint thread starts.
-    val_loader = DataLoader(
-        val_set, batch_size=t.batch_size, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
-    )
+    sampler, train_loader, val_loader = _loaders(config, source, workers, device)
     engine = workers.engine(training_model(config, device), config)
-
-    start, best, first_loss = 0, math.inf, None
-    state = workers.checkpoint_to_resume(run_dir)
-    if state is not None:
-        workers.restore(engine, state, run_dir)
-        torch.set_rng_state(state["rng"])
-        start, best = state["epoch"] + 1, state["best_val_loss"]
-        first_loss = state.get("first_loss")
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+    start, best, first_loss = _resume(workers, engine, run_dir)
     if lead:
-        # A restarted worker group may begin before epochs the history already shows.
-        _truncate_history(run_dir / "history.jsonl", start)
-        (run_dir / "calibration.json").unlink(missing_ok=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        _prepare_folder(run_dir, config, start)
     writer = _tensorboard(run_dir) if lead else None
-    policy = CheckpointPolicy(
-        t.checkpoint_every_epochs, t.checkpoint_every_minutes, t.epochs, start=start
+    checkpoints = EpochCheckpoints(
+        config,
+        run_dir / "checkpoints",
+        lead=lead,
+        start=start,
+        best=best,
+        keeps_checkpoints=workers.keeps_checkpoints,
+        wait_for_best=getattr(callbacks, "reads_checkpoints", True),
     )
-    files = CheckpointWriter(background=lead and t.checkpoint_background)
-    wait_for_best = getattr(callbacks, "reads_checkpoints", True)
-    steps = _Steps(config, workers, callbacks, device, ckpt_dir, first_loss)
-
+    steps = _Steps(config, workers, callbacks, device, checkpoints.folder, first_loss)
     callbacks.on_train_start(run_dir, t.epochs, len(train_loader))
     wall = time.perf_counter()
     try:
@@ -415,83 +252,112 @@ def train_loop(config: Config, run_dir: Path, workers: Workers, callbacks: Callb
             tic = time.perf_counter()
             sums = steps.epoch(engine, train_loader, epoch)
             train_seconds = time.perf_counter() - tic
-            # Rank 0 decides whether a checkpoint is due (the clock differs between workers).
-            due = lead and policy.due(epoch + 1)
-            sums = workers.all_sum(np.append(sums, float(due)))
-            due = bool(sums[5])
-            record = {
-                "epoch": epoch + 1,
-                **dict(zip(("loss", "mse", "ssim", "nll"), (sums[:4] / sums[4]).tolist())),
-            }
+            sums = workers.all_sum(np.append(sums, float(checkpoints.due(epoch + 1))))
+            losses = (sums[:4] / sums[4]).tolist()
+            record = {"epoch": epoch + 1, **dict(zip(("loss", "mse", "ssim", "nll"), losses))}
             tic = time.perf_counter()
             record.update(validation_loss(engine.module, val_loader, config, device, engine.cast))
-            _check_validation(record, len(train_loader), ckpt_dir, t.lr)
-            record["images"] = int(sums[4])
-            record["val_seconds"] = round(time.perf_counter() - tic, 3)
-            record["train_seconds"] = round(train_seconds, 3)
-            record["images_per_second"] = round(float(sums[4]) / train_seconds, 3)
-            record["global_batch_size"] = t.batch_size
-            record["per_worker_batch_size"] = len(
-                range(rank, min(t.batch_size, len(train_set)), world)
-            )
-            record["workers"] = world
-            is_best = record["val_loss"] < best
-            best = min(best, record["val_loss"])
-            record["best"] = is_best
-            record["checkpoint"] = due
-
+            _check_validation(record, len(train_loader), checkpoints.folder, t.lr)
+            record.update(_epoch_figures(config, workers, sums[4], tic, train_seconds, sampler.n))
             tic = time.perf_counter()
-            kept = {"config": config.to_dict(), "epoch": epoch, "best_val_loss": best}
-            weights = files.snapshot(engine.state()) if due or (lead and is_best) else {}
-            if lead and is_best:
-                files.submit(ckpt_dir / BEST, {**kept, "model": weights["model"], "record": record})
-            resumable = None
-            if due:
-                resumable = {
-                    **kept,
-                    **weights,
-                    "rng": torch.get_rng_state(),
-                    "first_loss": steps.first_loss,
-                    "record": dict(record),
-                }
-                # The last epoch's checkpoint is always written; an earlier one waits for the
-                # next epoch while the previous one is still being written.
-                written = lead and (epoch + 1 == t.epochs or not files.busy(LAST))
-                if written:
-                    files.submit(ckpt_dir / LAST, resumable)
-                if written or workers.keeps_checkpoints:
-                    policy.saved(epoch + 1)
-                else:
-                    record["checkpoint"] = False
+            extra = {"rng": torch.get_rng_state(), "first_loss": steps.first_loss}
+            resumable = checkpoints.keep(epoch, record, engine.state, extra, due=bool(sums[5]))
             workers.report(record, resumable, run_dir, engine)
-            if lead and is_best and wait_for_best:
-                files.wait(BEST)
+            checkpoints.settle()
             record["checkpoint_seconds"] = round(time.perf_counter() - tic, 3)
-            # The epoch's wall clock: training, validation, checkpoints and the previous
-            # epoch's reporting; `seconds` is the same figure under its older name.
-            now = time.perf_counter()
-            record["wall_seconds"] = record["seconds"] = round(now - wall, 3)
-            record["wall_images_per_second"] = round(float(sums[4]) / (now - wall), 3)
-            record["finished_at"] = round(time.time(), 3)
-            wall = now
+            wall = _clock_epoch(record, sums[4], wall)
             if lead:
-                with open(run_dir / "history.jsonl", "a") as f:
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
-                for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll"):
-                    writer.add_scalar(key, record[key], epoch + 1)
-                for key in ("images_per_second", "wall_images_per_second"):
-                    writer.add_scalar(key, record[key], epoch + 1)
-                writer.flush()
+                _log_epoch(run_dir, writer, record)
             log.info("epoch %d: %s", epoch + 1, record)
             callbacks.on_epoch_end(record)
     except BaseException:
         with contextlib.suppress(Exception):  # keep the first error; finish what is written
-            files.close()
+            checkpoints.close()
         raise
     finally:
         if writer is not None:
             writer.close()
-    files.close()
+    checkpoints.close()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _loaders(config: Config, source: Source, workers: Workers, device: torch.device):
+    """The epoch sampler and the training and validation loaders of this worker."""
+    t, nw, pin = config.train, config.data.num_workers, device.type == "cuda"
+    train_set, val_set = source.dataset("train"), source.dataset("val")
+    sampler = EpochBatches(
+        len(train_set), t.batch_size, seed=t.seed, rank=workers.rank, world=workers.world
+    )
+    train_loader = DataLoader(
+        train_set, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
+    )
+    # Persistent loader processes are forked once, before the checkpoint thread starts.
+    val_loader = DataLoader(
+        val_set, batch_size=t.batch_size, num_workers=nw, persistent_workers=nw > 0, pin_memory=pin
+    )
+    return sampler, train_loader, val_loader
+
+
+def _resume(workers: Workers, engine: Engine, run_dir: Path) -> tuple[int, float, float | None]:
+    """The first epoch to train, the best validation loss so far and the run's first loss:
+    from the run folder's checkpoint when there is one to resume from."""
+    state = workers.checkpoint_to_resume(run_dir)
+    if state is None:
+        return 0, math.inf, None
+    workers.restore(engine, state, run_dir)
+    torch.set_rng_state(state["rng"])
+    log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best_val_loss"], state.get("first_loss")
+
+
+def _prepare_folder(run_dir: Path, config: Config, start: int) -> None:
+    # A restarted worker group may begin before epochs the history already shows.
+    truncate_history(run_dir / "history.jsonl", start)
+    (run_dir / "calibration.json").unlink(missing_ok=True)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+
+
+def _epoch_figures(
+    config: Config, workers: Workers, images: float, val_tic: float, train_seconds: float, n: int
+) -> dict[str, Any]:
+    """An epoch's record after its losses: throughput and batch sizes."""
+    t = config.train
+    return {
+        "images": int(images),
+        "val_seconds": round(time.perf_counter() - val_tic, 3),
+        "train_seconds": round(train_seconds, 3),
+        "images_per_second": round(float(images) / train_seconds, 3),
+        "global_batch_size": t.batch_size,
+        "per_worker_batch_size": len(range(workers.rank, min(t.batch_size, n), workers.world)),
+        "workers": workers.world,
+    }
+
+
+def _clock_epoch(record: dict[str, Any], images: float, wall: float) -> float:
+    """The epoch's wall clock: training, validation, checkpoints and the previous epoch's
+    reporting; `seconds` is the same figure under its older name. Returns the new mark."""
+    now = time.perf_counter()
+    record["wall_seconds"] = record["seconds"] = round(now - wall, 3)
+    record["wall_images_per_second"] = round(float(images) / (now - wall), 3)
+    record["finished_at"] = round(time.time(), 3)
+    return now
+
+
+def _log_epoch(run_dir: Path, writer, record: dict[str, Any]) -> None:
+    """The epoch's line in history.jsonl and its scalars in TensorBoard (rank 0)."""
+    with open(run_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+    for key in ("loss", "mse", "ssim", "nll", "val_loss", "val_nll"):
+        writer.add_scalar(key, record[key], record["epoch"])
+    for key in ("images_per_second", "wall_images_per_second"):
+        writer.add_scalar(key, record[key], record["epoch"])
+    writer.flush()
 
 
 def host_sync_seconds(device: torch.device) -> float:
@@ -519,7 +385,7 @@ class _Steps:
         for step, images in enumerate(loader):
             images = to_float(images.to(device, non_blocking=True))
             if self.config.data.augment:
-                images = _augment(images, _flips(t.seed, epoch, step, t.batch_size, rank, world))
+                images = augment(images, flips(t.seed, epoch, step, t.batch_size, rank, world))
             noise = None
             if self.config.model.noise_std > 0:
                 noise = token_noise(
@@ -576,14 +442,6 @@ def _check_validation(record: dict[str, Any], steps: int, ckpt_dir: Path, lr: fl
             f"(its last training step was step {steps}; the weights are no longer finite); "
             f"{_last_good(ckpt_dir)}the learning rate {lr:g} is likely too high"
         )
-
-
-def _truncate_history(path: Path, epochs_done: int) -> None:
-    """Drop history lines of epochs after the checkpoint a resumed run starts from."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
-        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def _tensorboard(run_dir: Path):
