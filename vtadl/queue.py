@@ -24,23 +24,22 @@ from typing import Any
 
 from vtadl.config import Config
 from vtadl.exceptions import ConfigError, JobError
+from vtadl.job_contract import (
+    JOB_FUNCTION,
+    KINDS,
+    PRIORITIES,
+    REQUEST_VERSION,
+    VtadlJob,
+    queue_name,
+    recover_abandoned,
+)
 
-REQUEST_VERSION = 1
-KINDS = ("train", "tune")
-JOB_FUNCTION = "vtadl.jobs.run"
-PRIORITIES = ("high", "normal", "low")
 INDEX_KEY = "vtadl:jobs"  # sorted set: job id -> submission time
 LOG_KEY = "vtadl:log:{}"
 KEEP_SECONDS = 30 * 86400  # finished and failed jobs, and their logs
 DEFAULT_TIMEOUT = 48 * 3600
 MAX_LOG_LINES = 20_000
 FINAL = ("finished", "failed", "cancelled")
-
-
-def queue_name(priority: str) -> str:
-    if priority not in PRIORITIES:
-        raise ConfigError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-    return f"vtadl-{priority}"
 
 
 def make_request(kind: str, config: Config, options: dict[str, Any] | None = None) -> dict:
@@ -102,8 +101,6 @@ def _serializer():
 def _queue(conn, priority: str = "normal"):
     from rq import Queue
 
-    from vtadl.worker import VtadlJob
-
     return Queue(
         queue_name(priority), connection=conn, serializer=_serializer(), job_class=VtadlJob
     )
@@ -111,8 +108,6 @@ def _queue(conn, priority: str = "normal"):
 
 def fetch(conn, job_id: str):
     from rq.exceptions import NoSuchJobError
-
-    from vtadl.worker import VtadlJob
 
     try:
         return VtadlJob.fetch(job_id, connection=conn, serializer=_serializer())
@@ -135,8 +130,6 @@ def submit(
     it gets a new id (`<id>-2`, `-3`, ...) and a new run."""
     from rq import Retry
     from rq.exceptions import DuplicateJobError
-
-    from vtadl.worker import VtadlJob
 
     if retries < 0:
         raise ConfigError(f"retries must not be negative, got {retries}")
@@ -252,8 +245,6 @@ def _last_error_line(job) -> str | None:
 
 def job_ids(conn) -> list[str]:
     """Every job vtadl knows, oldest first; ids whose job has expired are forgotten."""
-    from vtadl.worker import VtadlJob
-
     ids = [i.decode() for i in conn.zrange(INDEX_KEY, 0, -1)]
     gone = [i for i in ids if not VtadlJob.exists(i, connection=conn)]
     if gone:
@@ -262,8 +253,6 @@ def job_ids(conn) -> list[str]:
 
 
 def status(conn, ids: list[str] | None = None) -> list[dict[str, Any]]:
-    from vtadl.worker import recover_abandoned
-
     recover_abandoned(conn, [_queue(conn, p) for p in PRIORITIES])
     return [describe(fetch(conn, i)) for i in (ids or job_ids(conn))]
 
