@@ -1,6 +1,6 @@
 """Does tuning on the tuning split pick what the test split would? A small grid on demo data.
 
-Runs `vtadl.tuning.tune` (every trial to the end: FIFO), then, for this benchmark only,
+Runs `vtadl.tune.driver.tune` (every trial to the end: FIFO), then, for this benchmark only,
 evaluates every trial's best checkpoint on the test split (a copy of each trial folder, so
 the experiment is not touched) and prints a Markdown table of the tuning objective beside the
 test metrics, with the rank correlation between them.
@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 
 from vtadl.config import default_config
 from vtadl.evaluation import evaluate_run
-from vtadl.tuning import tune
+from vtadl.tune.driver import tune
 
 
 def _params(r: dict) -> str:

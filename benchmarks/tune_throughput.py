@@ -31,14 +31,15 @@ def tiny(a: argparse.Namespace) -> None:
 
     from vtadl.config import default_config
     from vtadl.data.demo import make_demo_dataset
-    from vtadl.tuning import start_local_ray, tune
+    from vtadl.ray_session import start_local
+    from vtadl.tune.driver import tune
 
     tmp = Path(tempfile.mkdtemp(prefix="tune-tiny-"))
     make_demo_dataset(
         tmp / "data", ["brick"], image_size=32, n_train=12, n_test_good=4, n_test_defect=2
     )
     tic = time.perf_counter()
-    start_local_ray(os.cpu_count(), logging_level="ERROR", log_to_driver=False)
+    start_local(os.cpu_count(), logging_level="ERROR", log_to_driver=False)
     print(f"Ray start: {time.perf_counter() - tic:.1f} s\n")
     print("| trials at once | scheduler | trials | epochs run | wall time | trials per hour |")
     print("|---|---|---|---|---|---|")
@@ -152,9 +153,9 @@ def report_cost(a: argparse.Namespace) -> None:
     import ray
     from ray import tune
 
-    from vtadl.tuning import start_local_ray
+    from vtadl.ray_session import start_local
 
-    start_local_ray(2, logging_level=logging.WARNING, log_to_driver=False)
+    start_local(2, logging_level=logging.WARNING, log_to_driver=False)
     out = Path(tempfile.mkdtemp(prefix="tune-report-"))
     n = a.reports
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from vtadl.checkpoints import load_checkpoint
 from vtadl.config import default_config
 from vtadl.distributed import deepspeed_config
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.runs import fit
-from vtadl.training import load_checkpoint
 
 ray = pytest.importorskip("ray")
 

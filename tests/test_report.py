@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.runs import train_and_evaluate
 
 
@@ -94,7 +94,7 @@ def test_trial_ids_that_look_like_numbers_stay_text(tmp_path: Path) -> None:
 
     from vtadl.config import default_config
     from vtadl.report import find_experiments
-    from vtadl.tuning import RESULTS_FILE, SETTINGS_FILE
+    from vtadl.tune.settings import RESULTS_FILE, SETTINGS_FILE
 
     folder = tmp_path / "tune" / "mvtec" / "brick" / "exp"
     folder.mkdir(parents=True)

@@ -25,7 +25,9 @@ from typer.testing import CliRunner
 
 from vtadl.config import default_config
 from vtadl.data.synthetic import KINDS, make_tuning_split
-from vtadl.tuning import TuneSettings, scoring_epochs, start_local_ray
+from vtadl.ray_session import start_local
+from vtadl.tune.settings import TuneSettings
+from vtadl.tune.trial import scoring_epochs
 
 ray = pytest.importorskip("ray")
 
@@ -60,7 +62,7 @@ def record_test_reads() -> None:
 
 def init_ray(log: Path) -> None:
     os.environ[READS] = str(log)
-    start_local_ray(
+    start_local(
         2,
         logging_level="ERROR",
         log_to_driver=False,
@@ -85,7 +87,7 @@ sys.path.insert(0, {tests!r})
 from test_tuning import base_config, init_ray, record_test_reads
 init_ray(Path({log!r}))
 record_test_reads()
-from vtadl.tuning import tune
+from vtadl.tune.driver import tune
 try:
     tune(base_config(Path({root!r}), Path({out!r})), {options!r})
 except KeyboardInterrupt:
@@ -137,7 +139,7 @@ def search(demo_root: Path, tmp_path_factory):
         init_ray(log)
         record_test_reads()
         try:
-            from vtadl.tuning import tune
+            from vtadl.tune.driver import tune
 
             summary = tune(base_config(demo_root, out), {"resume": True})
         finally:
@@ -229,8 +231,8 @@ def test_report_of_a_search_holds_table_ablation_and_gallery(search, tmp_path) -
     assert "brick" in table and "image AUROC" in table and "AU-PRO" in table and "mean" in table
     metrics = json.loads((Path(search["summary"]["best_run"]) / "metrics.json").read_text())
     assert f"{metrics['image_auroc']:.3f}" in table
-    assert 'alt="brick: AU-PRO against number of Gaussians' in page
-    assert 'alt="brick: AU-PRO against noise level' in page
+    assert 'alt="brick: AU-PRO (FPR&lt;=0.3) against number of Gaussians' in page
+    assert 'alt="brick: AU-PRO (FPR&lt;=0.3) against noise level' in page
     n_maps = len(list((Path(search["summary"]["best_run"]) / "maps").glob("*.png")))
     # Two ablation plots, the trials' and the run's loss curves, the heat maps.
     assert page.count("data:image/png;base64,") == 4 + n_maps
@@ -239,7 +241,7 @@ def test_report_of_a_search_holds_table_ablation_and_gallery(search, tmp_path) -
 
 
 def test_a_search_over_the_number_of_gaussians_fits_that_many() -> None:
-    from vtadl.tuning import searchable
+    from vtadl.tune.trial import searchable
 
     config = default_config("vtadl_tiny")
     assert config.train.mixture_fit == "kernel"  # one Gaussian per training token
@@ -281,7 +283,7 @@ def test_tuning_split_masks_are_exact() -> None:
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(demo_root, tmp_path, option, message) -> None:
-    from vtadl.cli import app
+    from vtadl.cli.main import app
 
     out = tmp_path / "runs"
     args = ["tune", "--root", str(demo_root), "--category", "brick", "--out", str(out), *option]
@@ -309,7 +311,7 @@ def test_trials_report_at_scoring_epochs_and_otherwise_at_most_every_interval(
     # search above runs the real one); the scoring itself is counted, not computed.
     import ray.tune
 
-    from vtadl import tuning
+    from vtadl.tune import trial
 
     sent, scored = [], []
     monkeypatch.setattr(ray.tune, "report", lambda metrics: sent.append(metrics["epoch"]))
@@ -318,11 +320,11 @@ def test_trials_report_at_scoring_epochs_and_otherwise_at_most_every_interval(
         scored.append(run_dir)
         return {"au_pro": 0.5, "pixel_auroc": 0.6, "image_auroc": 0.7}
 
-    monkeypatch.setattr(tuning, "tuning_scores", score)
+    monkeypatch.setattr(trial, "tuning_scores", score)
 
     def run(every: float, epochs: int = 10) -> list[int]:
         sent.clear()
-        reporter = tuning._Reporter(Path("run"), None, "au_pro", [1, 4, epochs], every=every)
+        reporter = trial._Reporter(Path("run"), None, "au_pro", [1, 4, epochs], every=every)
         for epoch in range(1, epochs + 1):
             reporter.on_epoch_end({"epoch": epoch, "val_loss": 1.0, "best": epoch == 3})
         return list(sent)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -31,19 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from vtadl.checkpoints import LAST, load_checkpoint
 from vtadl.config import Config, absolute_paths
 from vtadl.exceptions import ConfigError, TrainingError
 from vtadl.model import VTADL
+from vtadl.ray_session import check_address, session
+from vtadl.run_folders import ensure_writable, new_run_dir
 from vtadl.training import (
-    LAST,
     Callbacks,
     Engine,
     NoCallbacks,
     Workers,
     adam,
-    ensure_writable,
-    load_checkpoint,
-    new_run_dir,
     prepare_source,
     train_loop,
 )
@@ -215,82 +213,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     train_loop(config, run_dir, RayWorkers(config, run_dir), callbacks)
 
 
-# How long a Ray address may take to accept a connection before it counts as not answering.
-CONNECT_TIMEOUT_S = 5.0
-
-
-def ray_bootstrap_address(address: str) -> str | None:
-    """The host:port a `train.ray_address` joins (None: start a local instance); a
-    ConfigError within seconds if nothing answers there.
-
-    "" and "local" start a private instance. "auto" is resolved as `ray.init` resolves it
-    (RAY_ADDRESS, then the cluster of the last `ray start` on this machine).
-    "ray://host:port" (Ray Client) and "host:port" are checked as given.
-    """
-    if address in ("", "local"):
-        return None
-    target = address.removeprefix("ray://")
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
-        try:
-            target = canonicalize_bootstrap_address_or_die("auto")
-        except (ConnectionError, ValueError) as exc:
-            raise ConfigError(f"--ray-address auto: no running Ray cluster found ({exc})") from None
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(
-            f"Ray address {address!r} is not auto, local or host:port (e.g. 10.0.0.5:6379)"
-        )
-    resolved = "" if target == address else f" (resolved to {target})"
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ConfigError(
-            f"Ray cluster at {address}{resolved} does not answer: {reason}; "
-            "is it running (ray start --head), and is the port open?"
-        ) from None
-    return target
-
-
-def _start_ray(config: Config) -> bool:
-    """Join the configured cluster or start a private local one; True if we started it."""
-    import ray
-
-    t = config.train
-    if ray.is_initialized():
-        return False
-    # Worker output reaches the terminal only with `vtadl -v`; it is always in Ray's session
-    # logs, and a worker's error is raised here as one TrainingError line either way.
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.INFO)}
-    if t.ray_address not in ("", "local"):  # checked by ray_bootstrap_address
-        try:
-            ray.init(address=t.ray_address, **quiet)
-        except ConnectionError as exc:  # it answered, but did not let us in
-            raise ConfigError(_refused(t.ray_address, exc)) from None
-        return True
-    cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker))
-    gpus = math.ceil(t.num_workers * t.gpus_per_worker)
-    # "local" starts a fresh instance even when another Ray cluster runs on this machine.
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **quiet)
-    return True
-
-
-def _refused(address: str, exc: Exception) -> str:
-    """Why joining a Ray cluster that answers can fail, in one line."""
-    if os.environ.get("RAY_AUTH_MODE") == "token" and (
-        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    ):
-        hint = "check that this machine's Ray token is the cluster's"
-    else:
-        hint = (
-            "if the cluster uses token authentication, this machine needs its token "
-            "(RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
-        )
-    return f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {hint}"
-
-
 class _HistoryWatcher(threading.Thread):
     """Relays the epochs rank 0 writes to history.jsonl to the driver's callbacks."""
 
@@ -315,7 +237,6 @@ def fit_distributed(
     config: Config, *, run_dir: str | Path | None = None, callbacks: Callbacks | None = None
 ) -> Path:
     """Train with Ray Train (strategy ddp or deepspeed); with `run_dir`, resume that run."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -324,8 +245,7 @@ def fit_distributed(
     callbacks = callbacks or NoCallbacks()
     # Everything a user can get wrong fails here, in seconds, before Ray starts: the Ray
     # address, the runs folder, the DeepSpeed file, the data (packed once, here).
-    if not ray.is_initialized():
-        ray_bootstrap_address(t.ray_address)
+    check_address(t.ray_address)
     ensure_writable(Path(t.out))
     if t.strategy == "deepspeed":
         deepspeed_config(config)
@@ -355,25 +275,25 @@ def fit_distributed(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    started = _start_ray(config)
     watcher = _HistoryWatcher(run_dir / "history.jsonl", callbacks)
-    callbacks.on_train_start(run_dir, t.epochs, 0)
-    watcher.start()
-    try:
-        trainer.fit()
-    except Exception as exc:  # Ray wraps the worker's error; show its own line
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise TrainingError(f"distributed training failed: {_first_line(cause)}") from None
-    finally:
-        watcher.stopped.set()
-        watcher.join()
-        watcher.poll()
-        if started:
-            import ray
-
-            ray.shutdown()
+    with session(
+        t.ray_address,
+        cpus=t.num_workers * t.cpus_per_worker,
+        gpus=t.num_workers * t.gpus_per_worker,
+    ):
+        callbacks.on_train_start(run_dir, t.epochs, 0)
+        watcher.start()
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps the worker's error; show its own line
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise TrainingError(f"distributed training failed: {_first_line(cause)}") from None
+        finally:
+            watcher.stopped.set()
+            watcher.join()
+            watcher.poll()
     if not (run_dir / "checkpoints" / LAST).exists():
         raise TrainingError(f"distributed training wrote no checkpoint in {run_dir}")
     return run_dir

@@ -21,7 +21,8 @@ from typing import Any
 
 from vtadl.config import Config, validate
 from vtadl.exceptions import ConfigError, JobError, VtadlError
-from vtadl.queue import KINDS, REQUEST_VERSION, append_log
+from vtadl.job_contract import KINDS, RAY_ADDRESS_ENV, REQUEST_VERSION
+from vtadl.queue import append_log
 
 HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "n_test")
 
@@ -121,7 +122,7 @@ class _Progress:
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
-    """The queue's only job function (see `vtadl.worker.ALLOWED_FUNCTIONS`)."""
+    """The queue's only job function (`vtadl.job_contract.JOB_FUNCTION`)."""
     from rq import get_current_job
 
     job = get_current_job()
@@ -154,8 +155,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _with_worker_ray(config: Config) -> Config:
     """A distributed job without its own Ray address uses the worker's (`--ray-address`)."""
-    from vtadl.worker import RAY_ADDRESS_ENV
-
     address = os.environ.get(RAY_ADDRESS_ENV)
     if address and config.train.strategy != "single" and not config.train.ray_address:
         return config.override(train={"ray_address": address})
@@ -163,8 +162,9 @@ def _with_worker_ray(config: Config) -> Config:
 
 
 def _train(job, config: Config, joblog: JobLog) -> dict[str, Any]:
+    from vtadl.checkpoints import LAST
+    from vtadl.run_folders import new_run_dir
     from vtadl.runs import train_and_evaluate
-    from vtadl.training import LAST, new_run_dir
 
     config = _with_worker_ray(config)
     d = config.data
@@ -204,7 +204,7 @@ def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[
     keeping its finished trials."""
     from ray.tune import Tuner
 
-    from vtadl.tuning import tune
+    from vtadl.tune.driver import tune
 
     config = _with_worker_ray(config)
     d = config.data

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from vtadl.exceptions import RunError
+from vtadl.metrics import LABELS as METRIC_LABELS
+from vtadl.tune.settings import PARAMS, RESULTS_FILE, SETTINGS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO"}
 # The paper's tables (see DESIGN.md), with the metric each number really is.
 PAPER = {
     "mvtec": (
@@ -104,8 +105,6 @@ def _number(text: str) -> Any:
 
 
 def find_experiments(root: Path) -> list[Experiment]:
-    from vtadl.tuning import PARAMS, RESULTS_FILE, SETTINGS_FILE, SUMMARY_FILE
-
     found = []
     for path in sorted(root.rglob(RESULTS_FILE)):
         folder = path.parent
@@ -190,8 +189,8 @@ def ablation_plots(exp: Experiment) -> list[str]:
         if x == "lr":
             ax.set_xscale("log")
         ax.set_xlabel(_LABELS[x])
-        ax.set_ylabel(f"{METRICS[exp.metric]} on the tuning split")
-        title = f"{exp.category}: {METRICS[exp.metric]} against {_LABELS[x]}"
+        ax.set_ylabel(f"{METRIC_LABELS[exp.metric]} on the tuning split")
+        title = f"{exp.category}: {METRIC_LABELS[exp.metric]} against {_LABELS[x]}"
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, frameon=False)
         plots.append(_png(fig, title))
@@ -243,13 +242,13 @@ def metrics_table(dataset: str, runs: list[Run]) -> str:
     """One row per category (its newest run) and a mean row, beside the paper's figure."""
     newest = {r.category: r for r in sorted(runs, key=lambda r: r.path.name)}
     paper_metric, paper = PAPER.get(dataset, ("", {}))
-    header = ["category", *METRICS.values(), f"paper: {paper_metric}" if paper else "paper"]
+    header = ["category", *METRIC_LABELS.values(), f"paper: {paper_metric}" if paper else "paper"]
     header += ["variant", "epochs", "runs", "run"]
     rows = []
     for cat in sorted(newest):
         r = newest[cat]
         count = sum(x.category == cat for x in runs)
-        values = [r.metrics.get(k) for k in METRICS]
+        values = [r.metrics.get(k) for k in METRIC_LABELS]
         epochs = r.history[-1]["epoch"] if r.history else None
         rows.append(
             [cat, *values, paper.get(cat), r.metrics.get("variant"), epochs, count, r.path.name]
@@ -280,7 +279,13 @@ def gallery(run: Run) -> str:
 
 def experiment_section(exp: Experiment) -> str:
     best = exp.summary.get("best", {}).get("trial_id")
-    header = ["trial", *(_LABELS[p] for p in exp.params), METRICS[exp.metric], "epochs", "state"]
+    header = [
+        "trial",
+        *(_LABELS[p] for p in exp.params),
+        METRIC_LABELS[exp.metric],
+        "epochs",
+        "state",
+    ]
     rows = [
         [
             r["trial_id"] + (" (best)" if r["trial_id"] == best else ""),
@@ -294,7 +299,11 @@ def experiment_section(exp: Experiment) -> str:
     test = exp.summary.get("test_metrics")
     result = (
         "<p>Best trial on the test split (evaluated once): "
-        + ", ".join(f"{METRICS[k]} {test[k]:.3f}" for k in METRICS if test.get(k) is not None)
+        + ", ".join(
+            f"{html.escape(METRIC_LABELS[k])} {test[k]:.3f}"
+            for k in METRIC_LABELS
+            if test.get(k) is not None
+        )
         + f" &mdash; run <code>{html.escape(Path(exp.summary['best_run']).name)}</code></p>"
         if test
         else "<p class=note>search not finished: no test evaluation yet</p>"
@@ -307,9 +316,9 @@ def experiment_section(exp: Experiment) -> str:
     }
     return (
         f"<h4>Search {html.escape(exp.path.name)}</h4>"
-        f"<p class=note>Objective: {METRICS[exp.metric]} on the tuning split (validation "
-        "images, clean and with synthetic defects pasted in); the test split is not used to "
-        "choose. Hollow markers: trials stopped early by the scheduler.</p>"
+        f"<p class=note>Objective: {html.escape(METRIC_LABELS[exp.metric])} on the tuning split "
+        "(validation images, clean and with synthetic defects pasted in); the test split is not "
+        "used to choose. Hollow markers: trials stopped early by the scheduler.</p>"
         f"<div class=plots>{''.join(ablation_plots(exp))}"
         f"{curves_plot(f'{exp.category}: validation loss of each trial', trials, ('val_loss',))}"
         f"</div>{_paper_ablation(exp)}{_table(header, rows)}{result}"
