@@ -30,11 +30,11 @@ def run(*args: str, env: dict) -> float:
 
 
 def main() -> None:
-    from vtadl.cli import config_from_options, train
-    from vtadl.data.check import check_dataset
     from vtadl.data.demo import make_demo_dataset
     from vtadl.queue import fetch, job_state, make_request, submit
+    from vtadl.runs import train_config
     from vtadl.service import RedisServer, connect, free_port
+    from vtadl.submission import category_requests
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=5)
@@ -50,21 +50,15 @@ def main() -> None:
         make_demo_dataset(tmp / "one", categories=["brick"], image_size=32, n_train=12)
         for i in range(15):
             shutil.copytree(tmp / "one" / "brick", tmp / "fifteen" / f"part{i:02d}")
-        defaults = {
-            name: p.default.default if hasattr(p.default, "default") else p.default
-            for name, p in __import__("inspect").signature(train).parameters.items()
-        }
-        tic = time.perf_counter()
-        requests = []
-        for i in range(15):
-            assert not check_dataset("mvtec", tmp / "fifteen", f"part{i:02d}").errors
-            options = defaults | {
-                "root": tmp / "fifteen",
-                "category": f"part{i:02d}",
-                "variant": "vtadl_small",
-                "out_dir": tmp / "runs",
-            }
-            requests.append(make_request("train", config_from_options(options)[0]))
+        tic = time.perf_counter()  # what `vtadl submit` does before it enqueues
+        requests = category_requests(
+            dataset="mvtec",
+            root=tmp / "fifteen",
+            categories=[f"part{i:02d}" for i in range(15)],
+            all_categories=False,
+            overrides={"train": {"out": str(tmp / "runs")}},
+            variant="vtadl_small",
+        )
         validated = time.perf_counter() - tic
         tic = time.perf_counter()
         submit(conn, requests)
@@ -82,9 +76,9 @@ def main() -> None:
         time.sleep(3)  # idle and waiting
         delays, begins = [], []
         for k in range(args.repeats):
-            request = make_request("train", config_from_options(
-                defaults | {"root": tmp / "missing", "category": "x", "seed": k}
-            )[0])  # fmt: skip
+            data = {"root": str(tmp / "missing"), "category": "x"}
+            cfg, _ = train_config(overrides={"data": data, "train": {"seed": k}})
+            request = make_request("train", cfg)
             tic = time.time()
             (s,) = submit(conn, [request])
             while not (job := fetch(conn, s.job_id)).meta.get("began_at"):

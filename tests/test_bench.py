@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.data import bench, index_mnist, index_mvtec, list_categories
 from vtadl.data.reader import read_sample_image
 from vtadl.exceptions import DataError

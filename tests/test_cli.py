@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from PIL import Image
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.config import VARIANTS
 
 CATEGORY = "brick"  # the demo category of conftest.demo_root
@@ -457,3 +458,42 @@ def test_every_train_option_has_help_and_a_default() -> None:
     text = runner.invoke(app, ["train", "--help"]).output
     flags = [ln for ln in text.splitlines() if re.search(r"--(resume|json|augment)\b", ln)]
     assert len(flags) == 3 and not any("<bool>" in ln for ln in flags)
+
+
+def test_every_train_option_is_a_config_field_or_named_apart() -> None:
+    from vtadl.cli.options import NOT_FIELDS, TRAIN_FIELDS
+    from vtadl.cli.run import train
+    from vtadl.config import Config
+
+    fields = {
+        f"{section}.{name}"
+        for section, values in Config().to_dict().items()
+        if isinstance(values, dict)
+        for name in values
+    }
+    options = set(inspect.signature(train).parameters)
+    assert options == set(TRAIN_FIELDS) | NOT_FIELDS and not set(TRAIN_FIELDS) & NOT_FIELDS
+    assert set(TRAIN_FIELDS.values()) <= fields, set(TRAIN_FIELDS.values()) - fields
+    assert len(set(TRAIN_FIELDS.values())) == len(TRAIN_FIELDS)  # one option per field
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "value"),
+    [
+        (["--loader-workers", "3"], "data.num_workers", 3),
+        (["--image-size", "64", "--score-scale", "linear"], "model.img_size", 64),
+        (["--image-size", "64", "--score-scale", "linear"], "eval.scale", "linear"),
+        ([], "model.img_size", VARIANTS["vtadl_tiny"].img_size),  # not given: the variant's
+    ],
+)
+def test_a_train_option_lands_in_the_config(
+    tmp_path: Path, extra: list[str], field: str, value: object
+) -> None:
+    from vtadl.cli.options import config_from_options
+
+    args = ["--root", str(tmp_path), "--category", CATEGORY, "--variant", "vtadl_tiny", *extra]
+    parsed = get_command(app).commands["train"].make_context("train", args).params
+    cfg, run_dir = config_from_options(parsed)
+    section, name = field.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+    assert (cfg.data.root, cfg.data.category, run_dir) == (str(tmp_path), CATEGORY, None)

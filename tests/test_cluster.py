@@ -19,7 +19,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.config import default_config
 from vtadl.data.stage import local_copy, sha256
 from vtadl.exceptions import DataError

@@ -196,14 +196,17 @@ def test_precedence_variant_then_file_then_options(tmp_path: Path) -> None:
         "train:\n  epochs: 3\n  mixture_fit: em\n"
     )
     # Another variant: its defaults, then the file's values on top of them.
-    cfg, _ = train_config(config_file=path, variant="vtadl_small", category="01")
+    cfg, _ = train_config(
+        config_file=path, variant="vtadl_small", overrides={"data": {"category": "01"}}
+    )
     assert cfg.variant == "vtadl_small"
     assert cfg.model.n_gaussians == 7
     assert cfg.model.embed_dim == VARIANTS["vtadl_small"].embed_dim
     assert (cfg.data.dataset, cfg.train.epochs) == ("btad", 3)  # no option: the file's
     # Options win over the file.
     cfg, _ = train_config(
-        config_file=path, category="01", dataset="mvtec", model={"n_gaussians": 5}
+        config_file=path,
+        overrides={"data": {"category": "01", "dataset": "mvtec"}, "model": {"n_gaussians": 5}},
     )
     assert (cfg.variant, cfg.model.n_gaussians, cfg.data.dataset) == ("vtadl_tiny", 5, "mvtec")
 
@@ -214,15 +217,22 @@ def test_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     cfg, _ = train_config(
         variant="vtadl_tiny",
-        root="data",
-        category="brick",
-        data={"pack": "packs/x.h5", "local_copy": "scratch"},
-        train={"out": "runs", "deepspeed_config": "ds.json"},
+        overrides={
+            "data": {
+                "root": "data",
+                "category": "brick",
+                "pack": "packs/x.h5",
+                "local_copy": "scratch",
+            },
+            "train": {"out": "runs", "deepspeed_config": "ds.json"},
+        },
     )
     assert cfg.data.root == str(tmp_path / "data")
     assert cfg.data.pack == str(tmp_path / "packs" / "x.h5")
     assert cfg.data.local_copy == str(tmp_path / "scratch")
     assert cfg.train.out == str(tmp_path / "runs")
     assert cfg.train.deepspeed_config == str(tmp_path / "ds.json")
-    cfg, _ = train_config(variant="vtadl_tiny", category="brick", data={"pack": "none"})
+    cfg, _ = train_config(
+        variant="vtadl_tiny", overrides={"data": {"category": "brick", "pack": "none"}}
+    )
     assert cfg.data.pack == "none" and cfg.data.pack_cache == ""

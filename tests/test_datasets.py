@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.data import (
     INDEXERS,
     FolderLayout,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.data import index_btad, index_mnist, index_mvtec
 from vtadl.data.download import MNIST_SHA256, download
 from vtadl.data.mnist import MNIST_FILES, write_idx

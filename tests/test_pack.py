@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 import vtadl
-from vtadl.cli import app
+from vtadl.cli.main import app
 from vtadl.data import index_btad, index_mnist, index_mvtec, load_image, load_mask
 from vtadl.data.mnist import MNIST_FILES, write_idx
 from vtadl.data.pack import (

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vtadl.cli import app
+from vtadl.checkpoints import load_checkpoint
+from vtadl.cli.main import app
 from vtadl.data.demo import make_demo_dataset
 from vtadl.queue import INDEX_KEY, fetch, job_state, read_log
 from vtadl.service import RedisServer, bundled_binary, connect, free_port, redact
-from vtadl.training import load_checkpoint
 
 CATEGORIES = ["brick", "grass"]
 PASSWORD = "s3cret-pw"

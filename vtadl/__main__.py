@@ -1,5 +1,5 @@
 """`python -m vtadl` is the `vtadl` command."""
 
-from vtadl.cli import run
+from vtadl.cli.main import run
 
 run()

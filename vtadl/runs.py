@@ -96,37 +96,28 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
 # What a resumed run takes from the command line: where to find it, how long to train, and
 # where its dataset now is. Every other given value must equal the stored one.
 _RESUME_HONOURS = {"data.dataset", "data.category", "data.root", "train.epochs", "train.out"}
+_SECTIONS = ("data", "model", "train", "eval")
 
 
 def train_config(
     *,
+    overrides: dict[str, dict[str, Any]] | None = None,
     config_file: str | Path | None = None,
     variant: str | None = None,
-    dataset: str | None = None,
-    root: str | Path | None = None,
-    category: str | None = None,
     resume: bool = False,
-    data: dict[str, Any] | None = None,
-    model: dict[str, Any] | None = None,
-    train: dict[str, Any] | None = None,
-    eval: dict[str, Any] | None = None,
 ) -> tuple[Config, Path | None]:
     """The config to train and, with `resume`, the run folder to continue.
 
-    Precedence: variant defaults < config file < explicit options (`None` means not given);
-    paths become absolute. A resumed run keeps the config stored with it: it honours the
-    number of epochs and a new dataset root (a moved dataset), and refuses any other value
-    that differs from the stored one.
+    `overrides` holds the explicit options by section (`{"data": {"category": "bottle"}}`;
+    a value of `None` means not given). Precedence: variant defaults < config file <
+    overrides; paths become absolute. A resumed run keeps the config stored with it: it
+    honours the number of epochs and a new dataset root (a moved dataset), and refuses any
+    other value that differs from the stored one.
     """
-    options = {
-        "data": _given(
-            {"dataset": dataset, "root": str(root) if root else None, "category": category}
-            | (data or {})
-        ),
-        "model": _given(model or {}),
-        "train": _given(train or {}),
-        "eval": _given(eval or {}),
-    }
+    unknown = set(overrides or {}) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {', '.join(sorted(unknown))}")
+    options = {section: _given((overrides or {}).get(section) or {}) for section in _SECTIONS}
     if resume:
         return _resume_config(config_file, variant, options)
     raw = read_config_file(config_file) if config_file else {}
@@ -156,7 +147,7 @@ def _check_gaussians_are_used(raw: dict, options: dict[str, dict], cfg: Config) 
 def _resume_config(
     config_file: str | Path | None, variant: str | None, options: dict[str, dict[str, Any]]
 ) -> tuple[Config, Path]:
-    from vtadl.training import latest_run
+    from vtadl.run_folders import latest_run
 
     if config_file:
         raise ConfigError(

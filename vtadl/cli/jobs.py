@@ -1,7 +1,7 @@
-"""The job service's commands: submit, worker, status, logs, cancel, retry, results, service.
+"""The job service's commands: submit, worker, status, logs, cancel, retry, results.
 
-Thin like the rest of the CLI: each parses, calls `vtadl.queue` / `vtadl.worker` /
-`vtadl.service`, prints. `submit` takes every option of `train` (its signature is built from
+Thin like the rest of the CLI: each parses, calls `vtadl.submission` / `vtadl.queue` /
+`vtadl.worker`, prints. `submit` takes every option of `train` (its signature is built from
 train's), so a job is exactly the run `vtadl train` would make.
 """
 
@@ -19,19 +19,10 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from vtadl.cli import app, config_from_options, train
-from vtadl.console import METRIC_NAMES, err, handle_errors, out
-
-service_app = typer.Typer(no_args_is_help=True, help="The private Redis that the queue uses.")
-app.add_typer(service_app, name="service")
-
-REDIS_URL = typer.Option(
-    None,
-    "--redis-url",
-    help="redis:// or rediss:// URL of the queue (default: $VTADL_REDIS_URL, else a private "
-    "local server started on demand).",
-)
-AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+from vtadl.cli.console import err, handle_errors, out
+from vtadl.cli.options import AS_JSON, REDIS_URL, config_sections
+from vtadl.cli.run import train
+from vtadl.cli.tune import tune as tune_command
 
 
 def _connect(url: str | None, **kwargs: Any):
@@ -59,53 +50,28 @@ def _submit(
 ) -> None:
     """Queue one training job per category (with --tune: one search per category); workers
     (vtadl worker) run them."""
-    from vtadl.data import dataset_categories
-    from vtadl.data.check import check_dataset
-    from vtadl.exceptions import ConfigError, DataError
-    from vtadl.queue import make_request, parse_duration, queue_name, submit
+    from vtadl.submission import submit_categories
 
-    # Everything is checked before anything is enqueued.
     search = {k: options.pop(k) for k in TUNE_OPTIONS}
-    train_options = options
-    queue_name(priority)
-    seconds = parse_duration(timeout)
-    if tune:
-        from vtadl.tuning import settings_from_options
-
-        settings_from_options(search)
-    elif any(v is not None for k, v in search.items() if k in ("gaussians", "noise")):
-        raise ConfigError("--gaussians and --noise are search values: add --tune")
-    if bool(category) == all_categories:
-        raise ConfigError("give --category C (repeatable) or --all-categories")
-    names = dataset_categories(dataset, root) if all_categories else list(dict.fromkeys(category))
-    requests = []
-    for name in names:
-        report = check_dataset(dataset, root, name)
-        if report.errors:
-            first = report.errors[0].message
-            more = f" (and {len(report.errors) - 1} more; see vtadl data check)"
-            raise DataError(f"{dataset}/{name}: {first}" + (more if len(report.errors) > 1 else ""))
-        for warning in report.warnings:
-            err.print(f"[yellow]warning[/yellow] {escape(warning.message)}", highlight=False)
-        options = train_options | dict(
-            dataset=dataset, root=root, category=name, config=config, resume=False
-        )
-        cfg, _ = config_from_options(options)
-        # Workers may run elsewhere and in other folders: absolute paths in every request.
-        cfg = cfg.override(
-            data={"root": str(Path(cfg.data.root).resolve())},
-            train={"out": str(Path(cfg.train.out).resolve())},
-        )
-        requests.append(make_request("tune", cfg, search) if tune else make_request("train", cfg))
-    conn = _connect(redis_url)
-    done = submit(
-        conn,
-        requests,
+    done = submit_categories(
+        dataset=dataset,
+        root=root,
+        categories=category,
+        all_categories=all_categories,
+        overrides=config_sections(options),
+        config_file=config,
+        variant=options["variant"],
+        kind="tune" if tune else "train",
+        search=search,
         priority=priority,
-        timeout=seconds,
+        timeout=timeout,
         retries=retries,
         retry_backoff=retry_backoff,
         force=force,
+        redis_url=redis_url,
+        warn=lambda message: err.print(
+            f"[yellow]warning[/yellow] {escape(message)}", highlight=False
+        ),
     )
     if as_json:
         print(json.dumps([s.to_dict() for s in done]))
@@ -172,18 +138,15 @@ def _submit_signature() -> inspect.Signature:
         for name, p in inspect.signature(train).parameters.items()
         if name not in _NOT_FOR_SUBMIT
     ]
-    from vtadl import cli_tune
-
-    searched = inspect.signature(cli_tune._tune).parameters  # `vtadl tune`'s own options
+    searched = inspect.signature(tune_command).parameters  # `vtadl tune`'s own options
     borrowed = [searched[name].replace(kind=kw) for name in TUNE_OPTIONS]
     return inspect.Signature(own + borrowed + shared)
 
 
 _submit.__signature__ = _submit_signature()
-app.command("submit")(handle_errors(_submit))
+submit = handle_errors(_submit)
 
 
-@app.command()
 @handle_errors
 def worker(
     queues: str = typer.Option("high,normal,low", help="Queues to take jobs from, in order."),
@@ -201,7 +164,7 @@ def worker(
     ),
 ) -> None:
     """Run queued jobs, one at a time, each in a fresh process."""
-    from vtadl.queue import queue_name
+    from vtadl.job_contract import queue_name
     from vtadl.service import redact
     from vtadl.service import redis_url as resolve_url
     from vtadl.worker import run_worker
@@ -262,7 +225,6 @@ def _status_table(rows: list[dict]) -> Table:
     return table
 
 
-@app.command()
 @handle_errors
 def status(
     job_ids: list[str] = typer.Argument(None, help="Jobs to show (default: all)."),
@@ -291,7 +253,6 @@ def status(
             live.update(_status_table(rows))
 
 
-@app.command()
 @handle_errors
 def logs(
     job_id: str = typer.Argument(..., help="The job whose log to print."),
@@ -314,7 +275,6 @@ def logs(
         time.sleep(1)
 
 
-@app.command()
 @handle_errors
 def cancel(
     job_id: str = typer.Argument(..., help="A queued or running job."),
@@ -327,7 +287,6 @@ def cancel(
     out.print(f"{job_id}: {done}", highlight=False)
 
 
-@app.command()
 @handle_errors
 def retry(
     job_id: str = typer.Argument(..., help="A failed or cancelled job."),
@@ -340,7 +299,6 @@ def retry(
     out.print(f"{job_id}: {done}", highlight=False)
 
 
-@app.command()
 @handle_errors
 def results(redis_url: str | None = REDIS_URL, as_json: bool = AS_JSON) -> None:
     """Metrics of the finished jobs: one table per dataset with a mean row."""
@@ -353,86 +311,21 @@ def results(redis_url: str | None = REDIS_URL, as_json: bool = AS_JSON) -> None:
     if not rows:
         out.print("no finished jobs yet (vtadl status shows them all)")
         return
+    from vtadl.metrics import LABELS
+
     for dataset in sorted({r["dataset"] for r in rows}):
         mine = [r for r in rows if r["dataset"] == dataset]
         table = Table(title=f"{dataset}: {len(mine)} categories")
         table.add_column("category")
-        for name in METRIC_NAMES.values():
+        for name in LABELS.values():
             table.add_column(name, justify="right")
         table.add_column("run folder", overflow="fold")
         for r in mine:
-            table.add_row(
-                r["category"], *(_fmt(r["metrics"].get(k)) for k in METRIC_NAMES), r["run_dir"]
-            )
+            table.add_row(r["category"], *(_fmt(r["metrics"].get(k)) for k in LABELS), r["run_dir"])
         means = []
-        for key in METRIC_NAMES:
+        for key in LABELS:
             values = [r["metrics"].get(key) for r in mine]
             values = [v for v in values if isinstance(v, float)]
             means.append(_fmt(sum(values) / len(values)) if values else "n/a")
         table.add_row("[bold]mean[/bold]", *means, "", end_section=True)
         out.print(table)
-
-
-@service_app.command("start")
-@handle_errors
-def service_start(
-    folder: Path | None = typer.Option(
-        None, "--dir", help="Its data folder (default: the private one in the state folder)."
-    ),
-    port: int | None = typer.Option(None, help="Port (default: a free one)."),
-    bind: list[str] = typer.Option(
-        [], help="An address to listen on besides 127.0.0.1 (a cluster's private one)."
-    ),
-    password_file: Path | None = typer.Option(
-        None, help="File holding the password (default: a random one, kept in --dir)."
-    ),
-) -> None:
-    """Start the queue's Redis (or report the one already running).
-
-    Without options: the private server of this machine. On a cluster's head node:
-    --dir, --port, --bind and --password-file make it the cluster's queue.
-    """
-    from vtadl.exceptions import ServiceError
-    from vtadl.service import PrivateServer, redact
-
-    password = None
-    if password_file is not None:
-        try:
-            password = password_file.read_text().strip()
-        except OSError as exc:
-            raise ServiceError(f"cannot read {password_file}: {exc.strerror}") from None
-        if not password:
-            raise ServiceError(f"{password_file} is empty")
-    private = PrivateServer(folder.expanduser().resolve() if folder else None)
-    server = private.ensure(port=port, bind=tuple(bind), password=password)
-    out.print(f"Redis {redact(server.url)} (data in {server.folder})", highlight=False)
-
-
-DIR = typer.Option(None, "--dir", help="Its data folder (default: the private server's).")
-
-
-@service_app.command("status")
-@handle_errors
-def service_status(folder: Path | None = DIR) -> None:
-    """Whether the private Redis runs, where, and which Redis the commands use."""
-    import os
-
-    from vtadl.service import URL_ENV, PrivateServer, redact
-
-    server = PrivateServer(folder.expanduser().resolve() if folder else None).running()
-    if os.environ.get(URL_ENV):
-        out.print(f"commands use {URL_ENV}={redact(os.environ[URL_ENV])}", highlight=False)
-    if server is None:
-        out.print("the Redis of that folder is not running")
-        raise typer.Exit(1)
-    out.print(f"private Redis {redact(server.url)} (data in {server.folder})", highlight=False)
-
-
-@service_app.command("stop")
-@handle_errors
-def service_stop(folder: Path | None = DIR) -> None:
-    """Stop the private Redis; its queue is kept on disk for the next start."""
-    from vtadl.service import PrivateServer
-
-    stopped = PrivateServer(folder.expanduser().resolve() if folder else None).stop()
-    out.print("private Redis stopped" if stopped else "the private Redis was not running")

@@ -1,4 +1,5 @@
-"""The `tune`, `report` and `dashboard` commands (registered on `vtadl.cli.app`)."""
+"""`tune` (a Ray Tune search with train's options as its base config), `report` and
+`dashboard`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import get_type_hints
 import typer
 from rich.table import Table
 
-from vtadl import cli
-from vtadl.cli import app
-from vtadl.console import METRIC_NAMES, handle_errors, out
+from vtadl.cli.console import handle_errors, out
+from vtadl.cli.options import config_from_options
+from vtadl.cli.run import train
 
 # train's options that `tune` replaces (searched values, resume, output) or has no use for.
 _NOT_FOR_TUNE = {"resume", "as_json", "lr", "n_gaussians", "noise_std"}
@@ -45,11 +46,11 @@ def _tune(
     ),
     **train_options,
 ) -> None:
-    from vtadl.tuning import tune
+    from vtadl.tune.driver import tune as tune_search
 
     options = {**train_options, **{k: None for k in _NOT_FOR_TUNE}, "resume": False}
-    base, _ = cli.config_from_options(options)
-    summary = tune(
+    base, _ = config_from_options(options)
+    summary = tune_search(
         base,
         {
             "gaussians": gaussians,
@@ -71,6 +72,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
         return
+    from vtadl.metrics import LABELS
+
     metric, rows = summary["metric"], summary["trials"]
     table = Table(title=f"{len(rows)} trials; objective: {metric} on the tuning split")
     params = [k for k in rows[0] if k not in ("trial_id", metric) and k in _PARAM_LABELS]
@@ -90,9 +93,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     out.print(table)
     test = summary["test_metrics"]
     values = ", ".join(
-        f"{label} {test[key]:.4f}"
-        for key, label in METRIC_NAMES.items()
-        if test.get(key) is not None
+        f"{label} {test[key]:.4f}" for key, label in LABELS.items() if test.get(key) is not None
     )
     out.print(f"best trial (*) on the test split: {values}", highlight=False, soft_wrap=True)
     out.print(f"best run: {summary['best_run']}", highlight=False)
@@ -105,10 +106,10 @@ _PARAM_LABELS = {"n_gaussians": "Gaussians", "noise_std": "noise", "lr": "lr"}
 def _with_train_options(fn):
     """Give `fn` train's options (minus those it replaces) after its own, for Typer."""
     own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-    hints = get_type_hints(cli.train) | get_type_hints(fn)
+    hints = get_type_hints(train) | get_type_hints(fn)
     borrowed = [
         p.replace(annotation=hints[n])
-        for n, p in inspect.signature(cli.train).parameters.items()
+        for n, p in inspect.signature(train).parameters.items()
         if n not in _NOT_FOR_TUNE
     ]
     params = [p.replace(annotation=hints[p.name]) for p in own] + borrowed
@@ -117,17 +118,17 @@ def _with_train_options(fn):
     return fn
 
 
-TUNE_HELP = (
+# One line per paragraph: Typer keeps the line breaks of a docstring in the help it shows.
+_tune.__doc__ = (
     "Search the number of Gaussians, the noise level and the learning rate with Ray Tune; "
     "evaluate the best run once on the test split.\n\n"
     "Trials are scored on the validation images with synthetic defects pasted in, never on the "
     "test split. Without values the paper's ablation is searched (Gaussians 10,50,100,150 x "
     "noise 0,0.1,0.2). The train options set the base config of every trial."
 )
-app.command("tune", help=TUNE_HELP)(handle_errors(_with_train_options(_tune)))
+tune = handle_errors(_with_train_options(_tune))
 
 
-@app.command()
 @handle_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="A runs folder (as written by train and tune)."),
@@ -143,7 +144,6 @@ def report(
     )
 
 
-@app.command()
 @handle_errors
 def dashboard(
     runs_dir: Path = typer.Argument(..., help="A runs folder (as written by train and tune)."),

@@ -15,12 +15,6 @@ from vtadl.exceptions import VtadlError
 err = Console(stderr=True)
 out = Console()
 
-METRIC_NAMES = {
-    "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC",
-    "au_pro": "AU-PRO (FPR<=0.3)",
-}
-
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line; raise the returned Exit."""
