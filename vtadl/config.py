@@ -29,6 +29,16 @@ KERNEL_SCOPES = ("auto", "image", "position")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("single", "ddp", "deepspeed")
 PLACEMENTS = ("pack", "spread")
+# Upper bounds of counts where a larger value can only be a mistake (an epoch count of
+# 1e300 is accepted as an integer and would never end).
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_WORKERS = 4_096  # Ray Train workers, data loader workers
+MAX_GAUSSIANS = 100_000
+MAX_SIZE = 65_536  # pixels of an image or tile, channels of a layer
+MAX_LAYERS = 1_024
+MAX_SEED = 2**32
+MAX_MAPS = 100_000  # heat maps written, patches averaged into a peak
 
 
 @dataclass(frozen=True)
@@ -260,11 +270,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (YAML/JSON)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+        raise ConfigError(
+            f"config file {path} is not valid YAML/JSON: {_yaml_problem(exc)}"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where (a Python tag is refused here)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.problem}{where}"
+    return " ".join(str(exc).split())
 
 
 def layered_config(variant: str, *layers: dict[str, Any]) -> Config:
@@ -341,14 +364,21 @@ def config_json(config: Config) -> str:
 def validate_model(m: ModelConfig) -> ModelConfig:
     if m.patch_size <= 0 or m.img_size <= 0:
         raise ConfigError("image size and patch size must be positive")
+    for name in ("img_size", "in_chans", "embed_dim", "num_heads", "depth", "decoder_channels"):
+        value, most = getattr(m, name), MAX_LAYERS if name == "depth" else MAX_SIZE
+        if not 0 < value <= most:
+            raise ConfigError(f"{name} must be between 1 and {most}, got {_shown(value)}")
     if m.img_size % m.patch_size:
         raise ConfigError(
             f"image size {m.img_size} is not divisible by the patch size {m.patch_size}"
         )
     if m.embed_dim % m.num_heads:
         raise ConfigError(f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
-    if m.n_gaussians <= 0:
-        raise ConfigError(f"the number of Gaussians must be positive, got {m.n_gaussians}")
+    if not 0 < m.n_gaussians <= MAX_GAUSSIANS:
+        raise ConfigError(
+            f"n_gaussians (the number of Gaussians) must be between 1 and {MAX_GAUSSIANS}, "
+            f"got {_shown(m.n_gaussians)}"
+        )
     if m.mlp_ratio <= 0:
         raise ConfigError(f"mlp_ratio must be positive, got {m.mlp_ratio}")
     if m.noise_std < 0:
@@ -361,10 +391,48 @@ def validate_model(m: ModelConfig) -> ModelConfig:
 def validate(c: Config) -> Config:
     """The config if every value is valid, else a ConfigError naming the first that is not."""
     validate_model(c.model)
-    for ok, message in [*_train_checks(c), *_data_checks(c.data), *_eval_checks(c)]:
+    checks = [*_count_checks(c), *_train_checks(c), *_data_checks(c.data), *_eval_checks(c)]
+    for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     return c
+
+
+def _count_checks(c: Config) -> list[tuple[bool, str]]:
+    """Upper bounds and plain names first: later checks compute with these values."""
+    d, t, e = c.data, c.train, c.eval
+    bounded = [
+        ("epochs", t.epochs, MAX_EPOCHS),
+        ("batch_size", t.batch_size, MAX_BATCH),
+        ("train.num_workers", t.num_workers, MAX_WORKERS),
+        ("data.num_workers", d.num_workers, MAX_WORKERS),
+        ("max_failures", t.max_failures, MAX_EPOCHS),
+        ("checkpoint_every_epochs", t.checkpoint_every_epochs, MAX_EPOCHS),
+        ("tile", d.tile, MAX_SIZE),
+        ("peak_patches", e.peak_patches, MAX_MAPS),
+        ("n_maps", e.n_maps, MAX_MAPS),
+    ]
+    return [
+        *(
+            (value <= most, f"{name} must be at most {most}, got {_shown(value)}")
+            for name, value, most in bounded
+        ),
+        (0 <= t.seed < MAX_SEED, f"seed must be in [0, 2**32), got {_shown(t.seed)}"),
+        _plain_name("category", d.category),
+        _plain_name("dataset", d.dataset),
+    ]
+
+
+def _shown(value: int) -> str:
+    """A number for a message: 1e+300, not its 301 digits."""
+    return str(value) if abs(value) < 10**12 else f"{value:.3g}"
+
+
+def _plain_name(what: str, name: str) -> tuple[bool, str]:
+    """A category or dataset names one folder below the root and the runs folder: no path
+    separators, not `.` or `..` (`../data/brick` or `/tmp/x` would put runs elsewhere)."""
+    plain = name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0"))
+    return plain, f"{what} must be a plain name (no /, \\, . or ..), got {name!r}"
 
 
 def _train_checks(c: Config) -> list[tuple[bool, str]]:

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 # A search's values: a training job (no search) has no use for them.
 _SEARCHED = ("gaussians", "noise")
+# Reruns of a failed job wait retry_backoff * 2**i seconds: past these the waits are years.
+MAX_RETRIES = 20
+MAX_RETRY_BACKOFF = 86_400
 
 
 def submit_categories(
@@ -52,6 +55,12 @@ def submit_categories(
     to the queue's Redis (`redis_url`) and enqueueing anything.
     """
     queue_name(priority)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ConfigError(f"retries must be between 0 and {MAX_RETRIES}, got {retries}")
+    if not 0 <= retry_backoff <= MAX_RETRY_BACKOFF:
+        raise ConfigError(
+            f"the retry backoff must be between 0 and {MAX_RETRY_BACKOFF} s, got {retry_backoff}"
+        )
     seconds = DEFAULT_TIMEOUT if timeout is None else parse_duration(timeout)
     if kind == "tune":
         settings_from_options(search or {})
@@ -100,11 +109,11 @@ def category_requests(
     names = dataset_categories(dataset, root) if all_categories else list(dict.fromkeys(categories))
     requests = []
     for name in names:
-        _check(dataset, root, name, warn)
         where = {"dataset": dataset, "root": str(root), "category": name}
         sections = {**overrides, "data": {**overrides.get("data", {}), **where}}
         cfg, _ = train_config(overrides=sections, config_file=config_file, variant=variant)
         cfg = absolute_paths(cfg)
+        _check(dataset, root, name, warn)  # a valid config first: its category is a plain name
         requests.append(
             make_request("train", cfg) if search is None else make_request("tune", cfg, search)
         )

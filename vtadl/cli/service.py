@@ -14,7 +14,12 @@ def service_start(
     folder: Path | None = typer.Option(
         None, "--dir", help="Its data folder (default: the private one in the state folder)."
     ),
-    port: int | None = typer.Option(None, help="Port (default: a free one)."),
+    port: int | None = typer.Option(
+        None,
+        min=1,
+        max=65535,
+        help="Port (default: the one it had, else a free one); kept across restarts.",
+    ),
     bind: list[str] = typer.Option(
         [], help="An address to listen on besides 127.0.0.1 (a cluster's private one)."
     ),
@@ -40,7 +45,10 @@ def service_start(
             raise ServiceError(f"{password_file} is empty")
     private = PrivateServer(folder.expanduser().resolve() if folder else None)
     server = private.ensure(port=port, bind=tuple(bind), password=password)
-    out.print(f"Redis {redact(server.url)} (data in {server.folder})", highlight=False)
+    out.print(
+        f"Redis on port {server.port}: {redact(server.url)} (data in {server.folder})",
+        highlight=False,
+    )
 
 
 DIR = typer.Option(None, "--dir", help="Its data folder (default: the private server's).")
@@ -48,18 +56,29 @@ DIR = typer.Option(None, "--dir", help="Its data folder (default: the private se
 
 @handle_errors
 def service_status(folder: Path | None = DIR) -> None:
-    """Whether the private Redis runs, where, and which Redis the commands use."""
+    """Whether the private Redis runs, on which port, and which Redis the commands use.
+
+    Exit code 0: it runs; 1: it does not (it starts again on the port it had); 2: its port
+    is taken by something else."""
     import os
 
     from vtadl.service import URL_ENV, PrivateServer, redact
 
-    server = PrivateServer(folder.expanduser().resolve() if folder else None).running()
+    private = PrivateServer(folder.expanduser().resolve() if folder else None)
+    server = private.running()
     if os.environ.get(URL_ENV):
         out.print(f"commands use {URL_ENV}={redact(os.environ[URL_ENV])}", highlight=False)
     if server is None:
-        out.print("the Redis of that folder is not running")
+        saved = private.saved()
+        if saved is not None:
+            private.check_port(saved)
+        again = f"; it starts again on port {saved.port}" if saved else ""
+        out.print(f"the Redis of {private.folder} is not running{again}", highlight=False)
         raise typer.Exit(1)
-    out.print(f"private Redis {redact(server.url)} (data in {server.folder})", highlight=False)
+    out.print(
+        f"private Redis on port {server.port}: {redact(server.url)} (data in {server.folder})",
+        highlight=False,
+    )
 
 
 @handle_errors
