@@ -260,7 +260,7 @@ def test_a_worker_without_the_ray_token_is_refused(two_nodes, queue_redis, demo_
         [sys.executable, "-m", "vtadl", "worker", "--burst"],
         env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 1 and "1 job failed" in done.stderr, done.stderr[-2000:]
     refused = fetch(conn, job.job_id)
     assert job_state(refused) == "failed"
     assert "token" in refused.meta["error"] and two_nodes["address"] in refused.meta["error"]

@@ -72,10 +72,14 @@ def start_worker(url: str, *args: str) -> subprocess.Popen:
     )
 
 
-def drain(url: str, *args: str, timeout: float = 240) -> str:
+def drain(url: str, *args: str, timeout: float = 240, failed: int = 0) -> str:
+    """Run a burst worker until the queues are empty: exit code 0, or 1 when `failed` jobs
+    failed (and a line says how many)."""
     worker = start_worker(url, "--burst", *args)
     output, _ = worker.communicate(timeout=timeout)
-    assert worker.returncode == 0, output
+    assert worker.returncode == (1 if failed else 0), output
+    if failed:
+        assert f"{failed} job" in output, output
     return output
 
 
@@ -135,7 +139,7 @@ def test_failing_job_is_retried_then_failed_with_its_error(conn, server, data, t
     (job,) = submit(root, tmp_path / "runs", "--category", "grass", "--epochs", "1",
                     "--retries", "1", "--retry-backoff", "0")  # fmt: skip
     shutil.rmtree(root / "grass" / "train")  # the data disappears before a worker runs
-    drain(server.url)
+    drain(server.url, failed=1)
     (row,) = status(job["job_id"])
     assert row["state"] == "failed"
     assert "grass" in row["error"] and "train" in row["error"]
@@ -242,7 +246,7 @@ def test_worker_refuses_foreign_functions_and_non_json_payloads(conn, server, tm
     conn.hset("rq:job:garbled", "data", b"\x80\x04\x95cos\nsystem\n")  # a pickle, not JSON
     hooked = queue.enqueue_call("vtadl.jobs.run", args=({},), job_id="hooked")
     conn.hset("rq:job:hooked", "failure_callback_name", "os.system")
-    drain(server.url)
+    drain(server.url, failed=3)
     assert not marker.exists()
     for job, reason in [
         (foreign, "not a vtadl job"),

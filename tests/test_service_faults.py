@@ -306,6 +306,8 @@ def test_absurd_retries_are_refused_before_connecting(demo_root: Path, tmp_path:
     base = ["submit", "--root", demo_root, "--category", "brick", "--redis-url", dead]
     one_line(cli(*base, "--retries", 10**6), "retries")
     one_line(cli(*base, "--retries", 2, "--retry-backoff", 10**9), "backoff")
+    one_line(cli(*base, "--timeout", "1e300"), "duration")
+    one_line(cli(*base, "--timeout", "400d"), "at most 365d")
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "abc"])

@@ -8,7 +8,8 @@ serializer:
 `kind` selects what the worker does with the config (`train` today; `tune` adds a search,
 its settings in `options`), so a new kind needs no new format. A job's id is derived from
 the dataset, the category and a hash of the whole request: submitting the same request twice
-finds the first job instead of training twice.
+finds the first job instead of training twice. Retry and cancel are atomic on the job's
+state (`job_contract.atomically`): of several at once, one acts.
 
 Nothing here imports torch or Ray; the CLI stays quick.
 """
@@ -29,15 +30,21 @@ from vtadl.job_contract import (
     KINDS,
     PRIORITIES,
     REQUEST_VERSION,
+    SERIALIZER,
     VtadlJob,
+    atomically,
+    fetch_job,
     queue_name,
     recover_abandoned,
+    registry,
+    rq_queue,
 )
 
 INDEX_KEY = "vtadl:jobs"  # sorted set: job id -> submission time
 LOG_KEY = "vtadl:log:{}"
 KEEP_SECONDS = 30 * 86400  # finished and failed jobs, and their logs
 DEFAULT_TIMEOUT = 48 * 3600
+MAX_DURATION = 365 * 86400  # a job's timeout: a longer one is a typo
 MAX_LOG_LINES = 20_000
 FINAL = ("finished", "failed", "cancelled")
 
@@ -77,6 +84,8 @@ def parse_duration(text: str | int | float) -> int:
         )
     if not seconds > 0:
         raise ConfigError(f"a duration must be positive, got {text!r}")
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"a duration must be at most 365d, got {text!r}")
     return int(seconds)
 
 
@@ -92,27 +101,28 @@ class Submission:
         return dict(self.__dict__)
 
 
-def _serializer():
-    from rq.serializers import JSONSerializer
-
-    return JSONSerializer
-
-
 def _queue(conn, priority: str = "normal"):
-    from rq import Queue
-
-    return Queue(
-        queue_name(priority), connection=conn, serializer=_serializer(), job_class=VtadlJob
-    )
+    return rq_queue(conn, queue_name(priority))
 
 
-def fetch(conn, job_id: str):
+class UnreadableJob(JobError):
+    """A job whose hash in Redis is not one RQ wrote (RQ cannot even parse it)."""
+
+
+def fetch(conn, job_id: str) -> VtadlJob:
+    """The job, read as a `VtadlJob`: JobError if there is none, UnreadableJob if its hash
+    cannot be parsed."""
     from rq.exceptions import NoSuchJobError
+    from rq.job import JOB_ID_PATTERN
 
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise JobError(f"no job {job_id!r}: a job id has only letters, digits, _ and -")
     try:
-        return VtadlJob.fetch(job_id, connection=conn, serializer=_serializer())
+        return fetch_job(conn, job_id)
     except NoSuchJobError:
         raise JobError(f"no job {job_id!r} (vtadl status lists the jobs)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UnreadableJob(f"job {job_id!r} cannot be read: {exc}") from None
 
 
 def submit(
@@ -147,9 +157,7 @@ def submit(
                 n += 1
             job_id, exists = f"{job_id}-{n}", False
         if exists:
-            state = job_state(fetch(conn, job_id))
-            if state in ("failed", "cancelled"):  # submitting it again means: try again
-                state = f"{retry(conn, job_id)} again (was {state})"
+            state = _submit_again(conn, job_id)
             done.append(Submission(job_id, data["dataset"], data["category"], state, False))
             continue
         policy = None
@@ -185,6 +193,18 @@ def submit(
     return done
 
 
+def _submit_again(conn, job_id: str) -> str:
+    """The state of a job submitted again; a failed or cancelled one is retried (unless
+    another process retried it a moment ago)."""
+    state = job_state(fetch(conn, job_id))
+    if state not in ("failed", "cancelled"):
+        return state
+    try:
+        return f"{retry(conn, job_id)} again (was {state})"
+    except JobError:
+        return job_state(fetch(conn, job_id))
+
+
 _STATES = {
     "queued": "queued",
     "started": "running",
@@ -207,33 +227,49 @@ def job_state(job) -> str:
 
 
 def describe(job) -> dict[str, Any]:
-    """What `vtadl status` shows of one job."""
+    """What `vtadl status` shows of one job. Meta of the wrong type (written by something
+    other than vtadl) shows as missing."""
     job.refresh()
     meta = job.meta
     state = job_state(job)
+    text, number = (str,), (int, float)
     info = {
         "job_id": job.id,
-        "kind": meta.get("kind", "train"),
-        "dataset": meta.get("dataset"),
-        "category": meta.get("category"),
+        "kind": _typed(meta.get("kind", "train"), text),
+        "dataset": _typed(meta.get("dataset"), text),
+        "category": _typed(meta.get("category"), text),
         "state": state,
-        "epoch": meta.get("epoch"),
-        "epochs": meta.get("epochs"),
-        "submitted_at": meta.get("submitted_at"),
+        "epoch": _typed(meta.get("epoch"), number),
+        "epochs": _typed(meta.get("epochs"), number),
+        "submitted_at": _typed(meta.get("submitted_at"), number),
         "started_at": job.started_at.timestamp() if job.started_at else None,
         "ended_at": job.ended_at.timestamp() if job.ended_at and state in FINAL else None,
-        "run_dir": meta.get("run_dir"),
-        "metrics": meta.get("metrics"),
+        "run_dir": _typed(meta.get("run_dir"), text),
+        "metrics": _typed(meta.get("metrics"), (dict,)),
         "error": None,
-        "attempts": meta.get("attempts", 0),
+        "attempts": _typed(meta.get("attempts"), number) or 0,
     }
+    error = _typed(meta.get("error"), text)
+    if job.meta_unreadable:
+        info["error"] = error = "its meta is not a JSON object"
     if state in ("failed", "waiting to retry", "queued") and (
-        meta.get("error") or job.get_status() in ("failed", "scheduled")
+        error or job.get_status() in ("failed", "scheduled")
     ):
-        info["error"] = meta.get("error") or _last_error_line(job)
+        info["error"] = error or _last_error_line(job)
     if state == "cancelled":
         info["error"] = "cancelled"
     return info
+
+
+def _typed(value: Any, types: tuple[type, ...]) -> Any:
+    return value if isinstance(value, types) and not isinstance(value, bool) else None
+
+
+def _unreadable(job_id: str, error: str) -> dict[str, Any]:
+    """The row of a job that cannot be read: its id, state `unreadable`, the reason."""
+    row = {"job_id": job_id, "state": "unreadable", "error": error, "attempts": 0}
+    missing = "kind dataset category epoch epochs submitted_at started_at ended_at run_dir metrics"
+    return {**dict.fromkeys(missing.split()), **row}
 
 
 def _last_error_line(job) -> str | None:
@@ -253,50 +289,87 @@ def job_ids(conn) -> list[str]:
 
 
 def status(conn, ids: list[str] | None = None) -> list[dict[str, Any]]:
-    recover_abandoned(conn, [_queue(conn, p) for p in PRIORITIES])
-    return [describe(fetch(conn, i)) for i in (ids or job_ids(conn))]
+    """Every job (or these), after requeueing the jobs whose worker was lost. A job that
+    cannot be read is listed as `unreadable` with the reason."""
+    recover_abandoned(conn, [queue_name(p) for p in PRIORITIES])
+    rows = []
+    for job_id in ids or job_ids(conn):
+        try:
+            rows.append(describe(fetch(conn, job_id)))
+        except UnreadableJob as exc:
+            rows.append(_unreadable(job_id, str(exc)))
+    return rows
+
+
+def _writable(job, job_id: str) -> None:
+    if job.meta_unreadable:
+        message = "its meta is not a JSON object (not written by vtadl); left as it is"
+        raise JobError(f"job {job_id}: {message}")
 
 
 def cancel(conn, job_id: str) -> str:
-    """Cancel a queued job or stop a running one; returns what was done."""
-    from rq.command import send_stop_job_command
+    """Cancel a queued job or stop a running one; returns what was done. Atomic: of several
+    concurrent cancels, one cancels and the others find the job cancelled. A running job
+    whose worker is lost is failed, not requeued, when its loss is found."""
+    from redis.exceptions import WatchError
+    from rq.command import send_command
+    from rq.exceptions import InvalidJobOperation
 
-    job = fetch(conn, job_id)
-    state = job_state(job)
-    if state in FINAL:
-        raise JobError(f"job {job_id} is {state}; there is nothing to cancel")
-    job.meta["cancelled_at"] = time.time()
-    job.save_meta()
-    if state == "running":
-        send_stop_job_command(conn, job_id, serializer=_serializer())
-        return "stopping"
-    job.cancel()
-    return "cancelled"
+    worker = None
+
+    def act(pipe) -> str:
+        nonlocal worker
+        job = fetch(conn, job_id)
+        state = job_state(job)
+        if state in FINAL:
+            raise JobError(f"job {job_id} is {state}; there is nothing to cancel")
+        _writable(job, job_id)
+        job.meta["cancelled_at"] = time.time()
+        pipe.multi()
+        pipe.hset(job.key, "meta", SERIALIZER.dumps(job.meta))
+        if state == "running":
+            worker = job.worker_name
+            return "stopping"
+        try:
+            job.cancel(pipeline=pipe)
+        except InvalidJobOperation:  # cancelled by another process since it was read
+            raise WatchError from None
+        return "cancelled"
+
+    done = atomically(conn, job_id, act)
+    if worker:  # what rq.command.send_stop_job_command sends, without reading the job again
+        send_command(conn, worker, "stop-job", job_id=job_id)
+    return done
 
 
 def retry(conn, job_id: str) -> str:
-    """Queue a failed or cancelled job again; it resumes from its run's last checkpoint."""
+    """Queue a failed or cancelled job again; it resumes from its run's last checkpoint.
+    Atomic: of several concurrent retries, one queues the job and the others find it queued."""
     from rq.registry import CanceledJobRegistry, FailedJobRegistry
 
-    job = fetch(conn, job_id)
-    state = job_state(job)
-    if state not in ("failed", "cancelled"):
-        raise JobError(f"job {job_id} is {state}; only failed or cancelled jobs can be retried")
-    for key in ("cancelled_at", "error"):
-        job.meta.pop(key, None)
-    job.save_meta()
-    queue = _queue(conn, job.meta.get("priority", "normal"))
-    for registry in (FailedJobRegistry(queue=queue), CanceledJobRegistry(queue=queue)):
-        registry.remove(job)
-    queue.enqueue_job(job)
-    return "queued"
+    def act(pipe) -> str:
+        job = fetch(conn, job_id)
+        state = job_state(job)
+        if state not in ("failed", "cancelled"):
+            raise JobError(f"job {job_id} is {state}; only failed or cancelled jobs can be retried")
+        _writable(job, job_id)
+        queue = _queue(conn, job.meta.get("priority", "normal"))
+        for key in ("cancelled_at", "error"):
+            job.meta.pop(key, None)
+        pipe.multi()
+        for kind in (FailedJobRegistry, CanceledJobRegistry):
+            registry(kind, conn, job.origin).remove(job, pipeline=pipe)
+        queue.enqueue_job(job, pipeline=pipe)  # saves the meta with the job
+        return "queued"
+
+    return atomically(conn, job_id, act)
 
 
 def results(conn) -> list[dict[str, Any]]:
     """The finished jobs with their headline metrics, newest job per category."""
     rows: dict[tuple[str, str], dict] = {}
     for info in status(conn):
-        if info["state"] == "finished" and info["metrics"]:
+        if info["state"] == "finished" and info["metrics"] and info["dataset"] and info["category"]:
             rows[(info["dataset"], info["category"])] = info
     return sorted(rows.values(), key=lambda r: (r["dataset"], r["category"]))
 

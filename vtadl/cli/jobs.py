@@ -163,7 +163,9 @@ def worker(
         "about three heartbeats after its worker is lost.",
     ),
 ) -> None:
-    """Run queued jobs, one at a time, each in a fresh process."""
+    """Run queued jobs, one at a time, each in a fresh process; wait out any outage of Redis.
+    With --burst, exit 1 if a job failed."""
+    from vtadl.cli.console import fail
     from vtadl.job_contract import queue_name
     from vtadl.service import redact
     from vtadl.service import redis_url as resolve_url
@@ -173,9 +175,13 @@ def worker(
     for q in names:
         queue_name(q)
     url = resolve_url(redis_url)
-    conn = _connect(url, for_worker=True)
+    conn = _connect(url, for_worker=True, block_seconds=heartbeat)  # one read: one heartbeat
     err.print(f"worker on {', '.join(names)} at {redact(url)}; Ctrl-C stops it", highlight=False)
-    run_worker(conn, names, burst=burst, name=name, ray_address=ray_address, heartbeat=heartbeat)
+    failed = run_worker(
+        conn, names, burst=burst, name=name, ray_address=ray_address, heartbeat=heartbeat
+    )
+    if burst and failed:
+        raise fail(f"{failed} job{'s' if failed > 1 else ''} failed (vtadl status says why)", 1)
 
 
 def _when(ts: float | None) -> str:
@@ -197,6 +203,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
 
+def _compact(value: Any) -> str:
+    """A score in five characters for the status table: .9876, but 1.000 (n/a if missing)."""
+    if not isinstance(value, float):
+        return "n/a"
+    text = f"{value:.4f}"
+    return text[1:] if text.startswith("0.") else f"{value:.3f}"
+
+
 SHORT_NAMES = {"image_auroc": "img", "pixel_auroc": "pix", "au_pro": "pro"}
 
 
@@ -209,7 +223,7 @@ def _status_table(rows: list[dict]) -> Table:
     for r in rows:
         m = r["metrics"] or {}
         result = (
-            " ".join(f"{short} {_fmt(m.get(k))[1:]}" for k, short in SHORT_NAMES.items())
+            " ".join(f"{short} {_compact(m.get(k))}" for k, short in SHORT_NAMES.items())
             if m
             else r["error"] or ""
         )
