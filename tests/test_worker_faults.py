@@ -1,7 +1,6 @@
 """Workers under faults, against a real redis-server and real `vtadl worker` processes: Redis
-restarted under idle and busy workers, a Redis away longer than three heartbeats, a worker
-cut off for longer than that from a Redis that stays up, workers killed mid-job, a killed
-worker's scheduler, and the exit code of a burst with failed jobs.
+restarted under idle and busy workers, a Redis away longer than three heartbeats, workers
+killed mid-job, a killed worker's scheduler, and the exit code of a burst with failed jobs.
 
 The seconds from a SIGKILL to the job running again are printed (pytest -s shows them)."""
 
@@ -18,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rq.registry import FailedJobRegistry
 from test_queue import PASSWORD, submit
 
-from vtadl.job_contract import RECONNECT_CAP, in_restart_grace, registry
+from vtadl.job_contract import RECONNECT_CAP, in_restart_grace
 from vtadl.queue import cancel, fetch, job_state, read_log
 from vtadl.service import RedisServer, connect, free_port
 
@@ -174,88 +172,6 @@ def test_redis_away_longer_than_three_heartbeats_does_not_rerun_the_job(
     assert "requeued" not in (tmp_path / "other.log").read_text()
     busy_log = (tmp_path / "busy.log").read_text()
     assert busy_log.count(AWAY) == busy_log.count(BACK) == 1, busy_log
-
-
-def test_a_worker_back_from_a_partition_stops_its_requeued_job(server, conn, demo_root, tmp_path):
-    """A worker is cut off (SIGSTOP; its job's process trains on) while Redis stays up, for
-    longer than three heartbeats: the idle worker requeues the job and runs it. Back, the
-    first worker kills its own run of the job at once, leaves the job to the other run and
-    takes the next job."""
-    runs, epochs = tmp_path / "runs", 150
-    with workers(server, tmp_path) as start:
-        processes = {name: start(name) for name in ("w1", "w2")}
-        wait_for(lambda: state_of(conn, "w1") == state_of(conn, "w2") == "idle", "the workers")
-        for process in processes.values():  # its alarm (the heartbeat) goes to its main thread
-            assert _alarm_only_to_main_thread(process.pid)
-        first = job(conn, demo_root, runs, epochs=epochs)
-        wait_for(lambda: (meta(conn, first).get("epoch") or 0) >= 1, "the first epoch")
-        a = _run_by(conn, first)
-        (b,) = set(processes) - {a}
-        horse = _job_process(processes[a].pid)
-        os.kill(processes[a].pid, signal.SIGSTOP)  # the worker, not its job's process
-        beat = _last_heartbeat(conn, a)  # its last, now that it is stopped
-        wait_for(lambda: _run_by(conn, first) == b, "the other worker to run the job", 60)
-        time.sleep(max(0.0, beat + 3 * int(HEARTBEAT) + 0.2 - time.time()))
-        away = time.time() - beat
-        assert _alive(horse)  # its run trained on meanwhile
-        assert (meta(conn, first).get("epoch") or 0) < epochs - 5, "too fast: no epochs left"
-        os.kill(processes[a].pid, signal.SIGCONT)
-        ended = wait_for(lambda: not _alive(horse), "its run of the job to end", 10)
-        second = job(conn, demo_root, runs, epochs=1)  # for the first worker: b is busy
-        wait_for(lambda: finished(conn, first, second), "both jobs")
-    print(
-        f"\nno heartbeat for {away:.1f} s; its job's process ended {ended:.1f} s after it was back"
-    )
-    assert ended < 3 * int(HEARTBEAT)
-    log = read_log(conn, first["job_id"])
-    starts = [line for line in log if "attempt" in line]  # each run's first line
-    assert len(starts) == 2 and "attempt 1," in starts[0] and "attempt 2," in starts[1], log
-    assert fetch(conn, first["job_id"]).worker_name == b
-    assert sum("finished:" in line for line in log) == 1, log
-    assert meta(conn, first)["attempts"] == 2 and meta(conn, first)["error"] is None
-    assert epochs_trained(conn, first) == list(range(1, epochs + 1))  # one line per epoch
-    assert first["job_id"] not in registry(FailedJobRegistry, conn, "vtadl-normal").get_job_ids()
-    ran_once(conn, second, 1)
-    assert fetch(conn, second["job_id"]).worker_name == a
-    a_log = (tmp_path / f"{a}.log").read_text()
-    (gone,) = [line for line in a_log.splitlines() if "while this worker was away" in line]
-    assert "recovered" in gone and f"is started by {b} now" in gone, a_log
-    assert not [line for line in a_log.splitlines() if "failed" in line and line != gone], a_log
-
-
-def _run_by(conn, job: dict) -> str | None:
-    """The worker that started the job's current run, while it runs."""
-    fetched = fetch(conn, job["job_id"])
-    return fetched.worker_name if job_state(fetched) == "running" else None
-
-
-def _last_heartbeat(conn, worker: str) -> float:
-    """When the worker last renewed its heartbeat (seconds since the epoch)."""
-    from rq.utils import utcparse
-
-    return utcparse(conn.hget(f"rq:worker:{worker}", "last_heartbeat").decode()).timestamp()
-
-
-def _alarm_only_to_main_thread(pid: int) -> bool:
-    """Whether each thread of the process but its main one blocks SIGALRM (it has some)."""
-    others = [t for t in Path(f"/proc/{pid}/task").iterdir() if t.name != str(pid)]
-    blocked = [
-        int(line.split()[1], 16)
-        for t in others
-        for line in (t / "status").read_text().splitlines()
-        if line.startswith("SigBlk:")
-    ]
-    return bool(others) and all(mask >> (signal.SIGALRM - 1) & 1 for mask in blocked)
-
-
-def _job_process(worker: int) -> int:
-    """The pid of a worker's job process: its child that leads its own process group."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            pid, fields = int(stat.parent.name), stat.read_text().rpartition(")")[2].split()
-            if int(fields[1]) == worker and int(fields[2]) == pid:  # ppid, process group
-                return pid
-    raise AssertionError(f"worker {worker} runs no job process")
 
 
 def test_recovery_waits_one_heartbeat_ttl_after_redis_comes_back(server, conn):

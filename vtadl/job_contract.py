@@ -185,19 +185,6 @@ def _still_running(conn, started: BaseRegistry, job_id: str) -> bool:
     return any(e.decode().partition(":")[0] == job_id for e in alive)
 
 
-def execution_state(conn, name: str, entry: str) -> tuple[bool, str | None, str | None]:
-    """Of one execution (its started-registry entry `<job id>:<execution id>` in the queue
-    `name`): whether its entry is still listed (recovery removes it in the transaction that
-    requeues or fails the job), and the job's status and worker, read at one instant."""
-    job_id = entry.partition(":")[0]
-    with conn.pipeline() as pipe:  # MULTI: one consistent read
-        pipe.zscore(registry(StartedJobRegistry, conn, name).key, entry)
-        pipe.hmget(VtadlJob.key_for(job_id), "status", "worker_name")
-        score, (status, worker) = pipe.execute()
-    text = [v.decode(errors="replace") if v is not None else None for v in (status, worker)]
-    return score is not None, text[0], text[1]
-
-
 def _recover(conn, name: str, entry: str) -> Job | None:
     """Requeue or fail the job of one expired entry of a started registry, in one transaction
     with the entry's removal; the job if it was requeued."""

@@ -28,15 +28,6 @@ Faults:
   not requeued: recovery waits until its worker has had one heartbeat TTL (and the reconnect
   cap) after Redis is back to renew it (`job_contract.in_restart_grace`); a busy worker
   renews it within the cap and one heartbeat.
-- A worker cut off from a Redis that stays up (a network partition) for longer than three
-  heartbeats has its job requeued and run by another worker. When it is back, its job's
-  process must not train that job's run folder on: at each heartbeat, before renewing it, and
-  again right after a heartbeat that found Redis away, the worker checks that it still holds
-  the job (its execution is still listed as started and no other worker has started the job
-  since). If not, it kills its job's process (as RQ's stop-job does), says so in one line and
-  takes the next job, leaving the job's state to the run that owns it now.
-- The heartbeat is an alarm for the worker's main thread; its thread that listens for
-  commands blocks it, so that a worker continued after a SIGSTOP goes on beating.
 - The job's process and the scheduler's process end with their worker (Linux).
 
 Security: a worker reads jobs only through `vtadl.job_contract.VtadlJob` (JSON, the one job
@@ -55,7 +46,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from typing import NoReturn
 
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError
@@ -65,7 +55,6 @@ from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.utils import now
-from rq.worker import WorkerStatus
 
 from vtadl.job_contract import (
     RAY_ADDRESS_ENV,
@@ -74,21 +63,12 @@ from vtadl.job_contract import (
     VtadlJob,
     VtadlScheduler,
     clean_registries,
-    execution_state,
     queue_name,
     recover_abandoned,
     rq_queue,
 )
 
 log = logging.getLogger(__name__)
-
-# seconds a worker whose job's entry is gone waits for the job's process to exit: a job's
-# process removes its entry as it ends the job, a moment before it exits
-LET_GO_WAIT = 1.0
-
-
-class _JobLost(Exception):
-    """The running job was taken over (recovered) while its worker was away."""
 
 
 def _first_line(error: BaseException) -> str:
@@ -225,19 +205,6 @@ class VtadlWorker(Worker):
         """One blocking read of the queues lasts one heartbeat (RQ: its TTL less 15 s)."""
         return self.job_monitoring_interval
 
-    def subscribe(self) -> None:
-        """RQ's (a thread that listens for commands), the thread blind to the signals the
-        worker handles. The heartbeat is an alarm (SIGALRM) that interrupts the main thread's
-        wait for the job's process; a stopped process that is continued (SIGSTOP, as a frozen
-        machine) gets its pending alarm in whichever thread runs first, and in the listening
-        thread it interrupted nothing: the heartbeat stopped until the job's process ended."""
-        handled = {signal.SIGALRM, signal.SIGINT, signal.SIGTERM}
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # inherited by new threads
-        try:
-            super().subscribe()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
     def fork_work_horse(self, job: Job, queue) -> None:
         self._parent_pid = os.getpid()
         super().fork_work_horse(job, queue)
@@ -248,11 +215,7 @@ class VtadlWorker(Worker):
         super().main_work_horse(job, queue)
 
     def execute_job(self, job: Job, queue) -> None:
-        try:
-            super().execute_job(job, queue)
-        except _JobLost:  # its process is killed; the job is another run's now
-            self._forget_execution(job)
-            return
+        super().execute_job(job, queue)
         with contextlib.suppress(InvalidJobOperation, ValueError):  # gone, or not RQ's status
             if job.get_status(refresh=True) == JobStatus.FAILED:
                 self.jobs_failed += 1
@@ -264,72 +227,12 @@ class VtadlWorker(Worker):
         return int(interval + 2 * self.job_monitoring_interval)
 
     def maintain_heartbeats(self, job: Job) -> None:
-        """Check that this worker still holds its running job, renew the job's heartbeat,
-        then requeue other workers' lost jobs: a busy worker finds them too.
-
-        The check comes first: a worker back from a partition must not renew a job that was
-        recovered meanwhile. It is made again after a heartbeat that outlasted the heartbeat
-        interval (Redis away meanwhile), so that a worker back from a partition stops its
-        job's process at once rather than one heartbeat later."""
-        began = time.monotonic()
-        if not self._check_held(job):
-            return
+        """Renew the running job's heartbeat, then requeue other workers' lost jobs: a busy
+        worker finds them too."""
         super().maintain_heartbeats(job)
         names = self.queue_names()
         with _logged("recovering lost jobs"):
             recover_abandoned(self.connection, names)
-        if time.monotonic() - began > self.job_monitoring_interval:
-            self._check_held(job)
-
-    def _check_held(self, job: Job) -> bool:
-        """True while this worker holds its running job: its execution is still listed as
-        started and no other worker has started the job since. False if the job's own
-        process has just ended it (nothing to renew; RQ's monitor reaps the process). If the
-        job was taken over, kills the job's process and raises `_JobLost`."""
-        entry = self.execution.composite_key
-        listed, status, holder = execution_state(self.connection, job.origin, entry)
-        elsewhere = status == JobStatus.STARTED and holder != self.name
-        if listed and not elsewhere:
-            return True
-        if not elsewhere and self._horse_exits(LET_GO_WAIT):
-            return False
-        self._let_go(job, f"started by {holder}" if elsewhere else (status or "deleted"))
-
-    def _horse_exits(self, within: float) -> bool:
-        """Whether the job's process exits within `within` seconds; it is left unreaped."""
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-                if os.waitid(os.P_PID, self.horse_pid, flags) is not None:
-                    return True
-            except ChildProcessError:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-
-    def _let_go(self, job: Job, now_is: str) -> NoReturn:
-        """Kill the process of a job taken over by another worker, as RQ's stop-job does;
-        the job's state is left to the run that owns it now."""
-        log.warning(
-            "job %s was recovered (requeued, or failed for good) while this worker was away "
-            "from Redis and is %s now; its process here (pid %s) is stopped",
-            job.id, now_is, self.horse_pid,
-        )  # fmt: skip
-        self.kill_horse()
-        self.wait_for_horse()
-        raise _JobLost(job.id)
-
-    def _forget_execution(self, job: Job) -> None:
-        """What RQ does after a job's process ended, for a job taken over: this worker's
-        record of its execution is removed and the worker is idle; the job is not touched."""
-        self._horse_pid = 0
-        with self.connection.pipeline() as pipe:
-            self.set_current_job_working_time(0, pipeline=pipe)
-            self.cleanup_execution(job, pipeline=pipe)
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
-            pipe.execute()
 
     def run_maintenance_tasks(self) -> None:
         """RQ's, without its group registries (vtadl makes no groups)."""
