@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,7 +150,7 @@ def test_cancel_runs_no_callback_of_a_queued_or_a_running_job(conn, marker):
 
 def test_pickled_meta_is_never_unpickled(conn, marker):
     enqueue(conn, "pickled")
-    conn.hset("rq:job:pickled", "meta", pickle.dumps(planted.Pickled()))
+    conn.hset("rq:job:pickled", "meta", planted.PICKLED)
     (row,) = json.loads(cli("status", "pickled", "--json").stdout)
     assert row["state"] == "queued" and "not a JSON object" in row["error"]
     one_line_error(cli("cancel", "pickled"), "pickled", "not a JSON object")
