@@ -89,6 +89,22 @@ def parse_duration(text: str | int | float) -> int:
     return int(seconds)
 
 
+# Reruns of a failed job wait retry_backoff * 2**i seconds: past these the waits are years.
+MAX_RETRIES = 20
+MAX_RETRY_BACKOFF = 86_400
+
+
+def check_retries(retries: int, retry_backoff: int) -> None:
+    """A ConfigError unless `retries` reruns with a first wait of `retry_backoff` seconds
+    make sense."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ConfigError(f"retries must be between 0 and {MAX_RETRIES}, got {retries}")
+    if not 0 <= retry_backoff <= MAX_RETRY_BACKOFF:
+        raise ConfigError(
+            f"the retry backoff must be between 0 and {MAX_RETRY_BACKOFF} s, got {retry_backoff}"
+        )
+
+
 @dataclass
 class Submission:
     job_id: str
@@ -141,10 +157,7 @@ def submit(
     from rq import Retry
     from rq.exceptions import DuplicateJobError
 
-    if retries < 0:
-        raise ConfigError(f"retries must not be negative, got {retries}")
-    if retry_backoff < 0:
-        raise ConfigError(f"the retry backoff must not be negative, got {retry_backoff}")
+    check_retries(retries, retry_backoff)
     queue = _queue(conn, priority)
     done = []
     for request in requests:

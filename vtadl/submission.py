@@ -8,12 +8,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vtadl.config import absolute_paths
 from vtadl.data import dataset_categories
 from vtadl.data.check import check_dataset
 from vtadl.exceptions import ConfigError, DataError
 from vtadl.job_contract import queue_name
-from vtadl.queue import DEFAULT_TIMEOUT, Submission, make_request, parse_duration, submit
+from vtadl.queue import (
+    DEFAULT_TIMEOUT,
+    Submission,
+    check_retries,
+    make_request,
+    parse_duration,
+    submit,
+)
 from vtadl.runs import train_config
 from vtadl.service import connect
 from vtadl.tune.settings import settings_from_options
@@ -22,9 +28,6 @@ logger = logging.getLogger(__name__)
 
 # A search's values: a training job (no search) has no use for them.
 _SEARCHED = ("gaussians", "noise")
-# Reruns of a failed job wait retry_backoff * 2**i seconds: past these the waits are years.
-MAX_RETRIES = 20
-MAX_RETRY_BACKOFF = 86_400
 
 
 def submit_categories(
@@ -55,12 +58,7 @@ def submit_categories(
     to the queue's Redis (`redis_url`) and enqueueing anything.
     """
     queue_name(priority)
-    if not 0 <= retries <= MAX_RETRIES:
-        raise ConfigError(f"retries must be between 0 and {MAX_RETRIES}, got {retries}")
-    if not 0 <= retry_backoff <= MAX_RETRY_BACKOFF:
-        raise ConfigError(
-            f"the retry backoff must be between 0 and {MAX_RETRY_BACKOFF} s, got {retry_backoff}"
-        )
+    check_retries(retries, retry_backoff)
     seconds = DEFAULT_TIMEOUT if timeout is None else parse_duration(timeout)
     if kind == "tune":
         settings_from_options(search or {})
@@ -111,8 +109,8 @@ def category_requests(
     for name in names:
         where = {"dataset": dataset, "root": str(root), "category": name}
         sections = {**overrides, "data": {**overrides.get("data", {}), **where}}
+        # train_config makes every path absolute: workers may run in other folders
         cfg, _ = train_config(overrides=sections, config_file=config_file, variant=variant)
-        cfg = absolute_paths(cfg)
         _check(dataset, root, name, warn)  # a valid config first: its category is a plain name
         requests.append(
             make_request("train", cfg) if search is None else make_request("tune", cfg, search)
