@@ -72,6 +72,38 @@ def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
         assert novel <= bench.MAX_NOVEL_COLOUR
 
 
+def test_sets_cover_the_categories_and_keep_the_first_five() -> None:
+    assert sum(bench.BENCH_SETS, ()) == bench.BENCH_CATEGORIES
+    # The figures recorded before 2026-12-07 are over these five, in this order.
+    assert bench.BENCH_SETS[0] == ("coins", "coffee", "flower", "page", "table")
+    assert bench._foreign_sources("coins") == ["coffee", "flower", "page", "table"]
+    assert "engine" not in bench._foreign_sources("table")
+    assert bench._foreign_sources("engine")[:5] == list(bench.BENCH_SETS[0])
+
+
+def test_new_categories_are_written_with_one_region_masks(tmp_path: Path) -> None:
+    added = bench.BENCH_SETS[1]
+    assert bench.make_photo_benchmark(tmp_path, added, **TINY) == list(added)
+    for category in added:
+        masks = [s.mask for s in index_mvtec(tmp_path, category) if s.label]
+        assert len(masks) == len(bench.BENCH_DEFECTS)
+        for path in masks:
+            mask = np.asarray(Image.open(path)) > 0
+            assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 1
+            assert bench.MIN_DEFECT_AREA <= mask.mean() <= bench.MAX_DEFECT_AREA
+
+
+def test_adding_a_set_leaves_earlier_categories_unchanged(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A further set whose photograph is one the first set already uses.
+    monkeypatch.setitem(bench._SOURCES, "later", ("skimage:coins", (0, 0, 1, 1), (0.5, 0.5)))
+    monkeypatch.setattr(bench, "BENCH_SETS", (*bench.BENCH_SETS, ("later",)))
+    bench.make_photo_benchmark(tmp_path, ["coins", "later"], **TINY)
+    assert _digest(tmp_path / "coins") == _digest(photos / "coins")
+    assert "later" not in bench._foreign_sources("coins")
+
+
 def test_existing_folder_not_written_by_vtadl_is_refused(tmp_path: Path) -> None:
     (tmp_path / "coins").mkdir()
     (tmp_path / "coins" / "mine.txt").write_text("keep")

@@ -1,11 +1,12 @@
 """A benchmark from real photographs that installed packages ship, harder than the demo data.
 
-Photo categories (MVTec layout): each is one photograph (scikit-image, scikit-learn); every
-image, training or test, is a random window of a fixed region of it (position and scale
-jitter, a left-right flip, small brightness and colour changes), resized to a square. Test
-images carry one small, low-contrast defect each, drawn so that it keeps to colours the
-region already has (a colour threshold does not find it). A defect's mask is exactly the
-pixels it changed: outside the mask a test image is bit-identical to the clean window.
+Photo categories (MVTec layout): each is one photograph (scikit-image, scikit-learn,
+Matplotlib); every image, training or test, is a random window of a fixed region of it
+(position and scale jitter, a left-right flip, small brightness and colour changes), resized
+to a square. Test images carry one small, low-contrast defect each, drawn so that it keeps
+to colours the region already has (a colour threshold does not find it). A defect's mask is
+exactly the pixels it changed: outside the mask a test image is bit-identical to the clean
+window.
 
 Digits (MNIST IDX files): scikit-learn's 1,797 handwritten 8x8 digits, split per digit into
 training and test records, for the one-class protocol of `vtadl.data.mnist`.
@@ -37,15 +38,28 @@ from vtadl.exceptions import DataError
 
 logger = logging.getLogger(__name__)
 
-# name -> (region of the photo as (top, left, bottom, right) fractions,
+# name -> (photograph as "package:name", region of it as (top, left, bottom, right) fractions,
 #          window (height, width) as fractions of that region at scale 1)
-_SOURCES: dict[str, tuple[tuple[float, float, float, float], tuple[float, float]]] = {
-    "coins": ((0.0, 0.0, 1.0, 1.0), (0.9, 0.72)),
-    "coffee": ((0.0, 0.1, 1.0, 0.8), (0.9, 0.9)),
-    "flower": ((0.0, 0.22, 0.96, 0.78), (0.9, 0.9)),
-    "page": ((0.0, 0.0, 1.0, 1.0), (0.6, 0.3)),
-    "table": ((0.02, 0.8, 1.0, 1.0), (0.27, 0.9)),
+_SOURCES: dict[str, tuple[str, tuple[float, float, float, float], tuple[float, float]]] = {
+    "coins": ("skimage:coins", (0.0, 0.0, 1.0, 1.0), (0.9, 0.72)),
+    "coffee": ("skimage:coffee", (0.0, 0.1, 1.0, 0.8), (0.9, 0.9)),
+    "flower": ("sklearn:flower.jpg", (0.0, 0.22, 0.96, 0.78), (0.9, 0.9)),
+    "page": ("skimage:page", (0.0, 0.0, 1.0, 1.0), (0.6, 0.3)),
+    "table": ("skimage:coffee", (0.02, 0.8, 1.0, 1.0), (0.27, 0.9)),
+    "engine": ("skimage:stereo_motorcycle", (0.46, 0.42, 0.8, 0.66), (0.9, 0.9)),
+    "wheel": ("skimage:stereo_motorcycle", (0.52, 0.67, 0.92, 0.93), (0.9, 0.9)),
+    "badge": ("skimage:astronaut", (0.6, 0.08, 0.9, 0.46), (0.9, 0.9)),
+    "fur": ("skimage:chelsea", (0.0, 0.27, 0.27, 0.73), (0.9, 0.4)),
+    "flag": ("matplotlib:grace_hopper.jpg", (0.0, 0.0, 0.55, 0.26), (0.45, 0.9)),
 }
+# The categories in the sets they were added in: the first holds those of the figures recorded
+# before 2026-12-07, the second widens the set that defaults are chosen on. A category's
+# foreign pieces come from its own set and the sets before it, so that adding a set leaves
+# the files of the earlier ones as they were.
+BENCH_SETS: tuple[tuple[str, ...], ...] = (
+    ("coins", "coffee", "flower", "page", "table"),
+    ("engine", "wheel", "badge", "fur", "flag"),
+)
 BENCH_CATEGORIES: tuple[str, ...] = tuple(_SOURCES)
 BENCH_DEFECTS: tuple[str, ...] = ("stain", "scratch", "patch", "hole", "foreign")
 # A defect covers this fraction of the image, bounds included.
@@ -68,21 +82,36 @@ _MAX_TRIES = 200
 
 
 @functools.cache
-def _photo(name: str) -> np.ndarray:
-    """The category's photograph as read-only uint8 (H, W, 3)."""
-    if name == "flower":
+def _photograph(source: str) -> np.ndarray:
+    """A photograph that a package ships ("skimage:coins", "sklearn:flower.jpg",
+    "matplotlib:grace_hopper.jpg") as read-only uint8 (H, W, 3); of a stereo pair, the left
+    view."""
+    package, _, name = source.partition(":")
+    if package == "sklearn":
         from sklearn.datasets import load_sample_image
 
-        photo = load_sample_image("flower.jpg")
+        photo = load_sample_image(name)
+    elif package == "matplotlib":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data(name) as file:
+            photo = Image.open(file).convert("RGB")
     else:
         from skimage import data as skdata
 
-        photo = getattr(skdata, "coffee" if name == "table" else name)()
+        photo = getattr(skdata, name)()
+        if isinstance(photo, tuple):
+            photo = photo[0]
     photo = np.asarray(photo, dtype=np.uint8)
     if photo.ndim == 2:
         photo = np.repeat(photo[..., None], 3, axis=2)
     photo.setflags(write=False)
     return photo
+
+
+def _photo(name: str) -> np.ndarray:
+    """The category's photograph as read-only uint8 (H, W, 3)."""
+    return _photograph(_SOURCES[name][0])
 
 
 @functools.cache
@@ -101,7 +130,7 @@ def colour_bins(image: np.ndarray) -> np.ndarray:
 def _region(name: str) -> np.ndarray:
     """The pixels of the category's region of its photograph, (N, 3) uint8."""
     photo = _photo(name)
-    top, left, bottom, right = _SOURCES[name][0]
+    top, left, bottom, right = _SOURCES[name][1]
     h, w = photo.shape[:2]
     return photo[round(top * h) : round(bottom * h), round(left * w) : round(right * w)].reshape(
         -1, 3
@@ -127,7 +156,7 @@ def _extremes(name: str) -> tuple[np.ndarray, np.ndarray]:
 def _window(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """One clean image: a jittered window of the category's region, flipped and re-lit."""
     photo = _photo(name)
-    (top, left, bottom, right), (fh, fw) = _SOURCES[name]
+    _, (top, left, bottom, right), (fh, fw) = _SOURCES[name]
     height, width = photo.shape[:2]
     bh, bw = (bottom - top) * height, (right - left) * width
     scale = rng.uniform(*_SCALE_RANGE)
@@ -199,11 +228,17 @@ def _hole(img: np.ndarray, rng: np.random.Generator, name: str):
     return (1 - weight) * img + weight * fill, shape
 
 
+def _foreign_sources(name: str) -> list[str]:
+    """The categories a foreign piece on `name` is cut from: its own set and the earlier ones."""
+    end = next(i for i, group in enumerate(BENCH_SETS) if name in group) + 1
+    return [n for group in BENCH_SETS[:end] for n in group if n != name]
+
+
 def _foreign(img: np.ndarray, rng: np.random.Generator, name: str):
     """A piece of another photograph, its colours shifted to the region's, a little darker
     or brighter."""
     shape = _small(_blob, rng, img.shape[0])
-    others = [n for n in BENCH_CATEGORIES if n != name]
+    others = _foreign_sources(name)
     piece = _window(others[int(rng.integers(len(others)))], rng, img.shape[0])
     piece = piece.astype(np.float64)
     region = img[shape]
