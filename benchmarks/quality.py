@@ -20,6 +20,10 @@ training image, both at the model's input size) and only image AUROC is printed.
     python benchmarks/quality.py --root data/bench/photos --categories coins page
     python benchmarks/quality.py --dataset mnist --root data/bench/digits --categories 3 \\
         --variant vtadl_tiny --set train.epochs=20
+    python benchmarks/quality.py --root data/bench/photos --gaussians 1024,4096,all  # K curve
+
+`--gaussians` evaluates each category's one training again with each K (the mixture refitted
+after training, the network not retrained), with the seconds of each evaluation: rows `k=K`.
 """
 
 from __future__ import annotations
@@ -157,6 +161,11 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-paper-map", action="store_true", help="skip the paper's map")
     ap.add_argument(
+        "--gaussians",
+        default="",
+        help="comma-separated K (or all) to refit and evaluate each run with, e.g. 1024,all",
+    )
+    ap.add_argument(
         "--score-variants",
         action="store_true",
         help=f"also evaluate the checkpoint as {', '.join(SCORE_VARIANTS)}",
@@ -193,6 +202,15 @@ def main() -> None:
             )
             for name, overrides in (SCORE_VARIANTS.items() if args.score_variants else ())
         }
+        by_k = {}
+        for k in [k for k in args.gaussians.split(",") if k]:
+            tic = time.perf_counter()
+            result = evaluate_run(run_dir, n_gaussians=k)
+            by_k[f"k={k}"] = {
+                **_rounded(result),
+                "n_gaussians": result["n_gaussians"],
+                "seconds": round(time.perf_counter() - tic, 1),
+            }
         tic = time.perf_counter()
         model = evaluate_run(run_dir)
         row = {
@@ -203,6 +221,7 @@ def main() -> None:
             "model": _rounded(model),
             **({"paper_map": _rounded(paper)} if paper else {}),
             **others,
+            **by_k,
         }
         if not args.no_baseline:
             baselines = image_nn_metrics if args.dataset == "mnist" else baseline_metrics
@@ -215,7 +234,8 @@ def main() -> None:
     head = f"{'image AUROC':>12} {'pixel AUROC':>12} {'AU-PRO':>8} {'train s':>8} {'total s':>8}"
     print(f"{'category':<10} {'':>12} {head}")
     for row in rows:
-        names = ("model", "paper_map", *SCORE_VARIANTS, "baseline", "baseline_log", "colour")
+        ks = [k for k in row if k.startswith("k=")]
+        names = ("model", "paper_map", *SCORE_VARIANTS, *ks, "baseline", "baseline_log", "colour")
         for who in (*names, "image_nn"):
             if who in row:
                 m = row[who]

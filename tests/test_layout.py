@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vtadl"
 # Lowest first; a module may import its own layer and the layers below it. The first
 # matching prefix names a module's layer.
 LAYERS = [
-    ("foundation", ["vtadl", "vtadl.exceptions", "vtadl.config", "vtadl.metrics", "vtadl.devices",
-                    "vtadl.visualize"]),
+    ("foundation", ["vtadl", "vtadl.exceptions", "vtadl.presets", "vtadl.config", "vtadl.metrics",
+                    "vtadl.devices", "vtadl.visualize"]),
     ("model", ["vtadl.model"]),
     ("data", ["vtadl.data"]),
     ("training", ["vtadl.losses", "vtadl.checkpoints", "vtadl.run_folders", "vtadl.sampling",

@@ -1,5 +1,6 @@
-"""The mixture fitted after training: as a kernel density over every training token
-(`train.mixture_fit: kernel`, the default) or by EM (`em`)."""
+"""The mixture fitted after training, an object beside the trained network: a kernel density
+over K training tokens chosen by a coreset (`train.mixture_fit: kernel`, the default), or K
+Gaussians fitted by EM (`em`); K honoured in every fit."""
 
 from __future__ import annotations
 
@@ -10,17 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.mixture import GaussianMixture
+from sklearn.mixture import GaussianMixture as GaussianMixture_
 
 import vtadl.losses
+import vtadl.scoring.mixtures
 from vtadl.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vtadl.config import Config, default_config, kernel_scope, upgrade_stored
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.losses import mixture_nll, reference_nll
-from vtadl.model import Mixture, create_model
-from vtadl.scoring.kernel import Kernel
-from vtadl.scoring.mixture_fit import apply_mixture, fit_mixture, kernel_mixture, training_tokens
+from vtadl.model import Mixture
+from vtadl.scoring.mixture_fit import (
+    fit_em,
+    fit_kernel,
+    fit_position_kernel,
+    fitted_mixtures,
+    training_tokens,
+)
+from vtadl.scoring.mixtures import GaussianMixture, KernelDensity, PositionKernel, load_mixture
 from vtadl.scoring.scorer import Scorer
 from vtadl.training import fit, loss_terms
 
@@ -70,58 +78,55 @@ def test_a_kernel_is_scored_in_slices_as_if_whole(positions, loss, monkeypatch) 
     torch.testing.assert_close(sliced.double(), whole, rtol=1e-5, atol=1e-4)
 
 
-def test_a_prepared_kernel_scores_the_mixture_nll(monkeypatch) -> None:
+def test_a_kernel_scores_the_mixture_nll(monkeypatch) -> None:
     # The scoring path of a kernel (whitened once, per-component constants after the
     # log-sum) against the elementwise form of the whole mixture in float64: tokens near
     # a component, in several slices, and tokens far from all of them.
-    monkeypatch.setattr(vtadl.losses, "CHUNK_PAIRS", 2 * 5 * 7)  # 7 components a slice
+    monkeypatch.setattr(vtadl.scoring.mixtures, "CHUNK_PAIRS", 2 * 5 * 7)  # 7 a slice
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 6, generator=gen) * 3 + 10
-    mu = torch.randn(1, 1, 40, 6, generator=gen) * 3 + 10
-    mu[0, 0, [1, 12, 30]] = x[0, :3] + 0.1
-    log_var = torch.log(torch.rand(6, generator=gen) + 0.05).expand(1, 1, 40, 6)
-    log_pi = torch.full((1, 1, 40), -math.log(40))
-    mixture = Mixture(log_pi, mu, log_var)
-    assert Kernel.fits(mixture)
-    got = Kernel(mixture).nll(x)
-    whole = mixture_nll(
-        x.double(),
-        Mixture(*(t.double().expand(2, 5, *t.shape[2:]) for t in (log_pi, mu, log_var))),
-    )
+    mu = torch.randn(40, 6, generator=gen) * 3 + 10
+    mu[[1, 12, 30]] = x[0, :3] + 0.1
+    log_var = torch.log(torch.rand(6, generator=gen) + 0.05)
+    got = KernelDensity(mu, log_var).nll(x)
+    whole = mixture_nll(x.double(), _whole(mu, log_var))
     assert got.shape == (2, 5)
     torch.testing.assert_close(got.double(), whole, rtol=1e-5, atol=1e-4)
-    # Unequal weights or variances (an EM fit) are not a kernel; nor one mixture per position.
-    assert not Kernel.fits(Mixture(torch.log_softmax(torch.randn(1, 1, 40), -1), mu, log_var))
-    assert not Kernel.fits(Mixture(log_pi, mu, log_var + torch.rand(1, 1, 40, 1)))
     # Log variances beyond the bounds are clamped as mixture_nll clamps them.
-    wild = Mixture(log_pi, mu, torch.tensor([-12.0, 11.0, 0.5, -9.5, 9.5, 1.0]).expand(1, 1, 40, 6))
+    wild = torch.tensor([-12.0, 11.0, 0.5, -9.5, 9.5, 1.0])
     torch.testing.assert_close(
-        Kernel(wild).nll(x).double(),
-        mixture_nll(
-            x.double(),
-            wild._replace(mu=mu.double(), log_var=wild.log_var.double(), log_pi=log_pi.double()),
-        ),
+        KernelDensity(mu, wild).nll(x).double(),
+        mixture_nll(x.double(), _whole(mu, wild)),
         rtol=1e-3,
         atol=1e-3,
     )
-    per_position = Mixture(
-        log_pi.expand(1, 5, 40), mu.expand(1, 5, 40, 6), log_var.expand(1, 5, 40, 6)
+
+
+def _whole(mu: torch.Tensor, log_var: torch.Tensor) -> Mixture:
+    """A kernel's Gaussians as a mixture of every token's own, in float64 (2 x 5 tokens)."""
+    k, d = mu.shape
+    return Mixture(
+        torch.full((2, 5, k), -math.log(k), dtype=torch.float64),
+        mu.double().expand(2, 5, k, d),
+        log_var.double().expand(2, 5, k, d),
     )
-    assert not Kernel.fits(per_position)
 
 
-def test_a_kernel_run_is_scored_by_the_prepared_kernel_as_by_the_mixture(em_run: Path) -> None:
+def test_a_kernel_run_is_scored_by_its_kernel_as_by_the_same_gaussians(em_run: Path) -> None:
     from vtadl.scoring.raw import raw_scores
 
-    scorer = Scorer(em_run, mixture_fit="kernel")
-    assert isinstance(scorer.kernel, Kernel)
-    assert Scorer(em_run).kernel is None  # its EM fit is scored as a mixture
+    scorer = Scorer(em_run, mixture_fit="kernel", n_gaussians=20)
+    kernel = scorer.mixture
+    assert isinstance(kernel, KernelDensity) and kernel.n_gaussians == 20
+    assert isinstance(Scorer(em_run).mixture, GaussianMixture)  # its own EM fit
+    same = GaussianMixture(
+        torch.full((20,), -math.log(20)), kernel.centres, kernel.log_var.expand(20, -1)
+    )
     src = scorer.source
     images = np.concatenate([src.model_input("test", i)[0] for i in range(3)])
-    nll, rec, _ = raw_scores(scorer.model, images, scorer.config, scorer.device)
-    fast_nll, fast_rec, _ = raw_scores(
-        scorer.model, images, scorer.config, scorer.device, kernel=scorer.kernel
-    )
+    args = (scorer.model, images, scorer.config, scorer.device)
+    nll, rec, _ = raw_scores(*args, mixture=same)
+    fast_nll, fast_rec, _ = raw_scores(*args, mixture=kernel)
     np.testing.assert_allclose(fast_nll, nll, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(fast_rec, rec)
 
@@ -136,29 +141,39 @@ def test_the_log_sum_is_exact_with_terms_far_below_its_largest() -> None:
     assert got[2] == -math.inf
 
 
-def test_the_head_carries_the_em_fit_exactly() -> None:
-    # Tokens from two well separated Gaussians: EM finds them, and the head, given the fit,
-    # scores every token with the fitted mixture's own log likelihood.
+def test_the_em_fit_scores_its_own_likelihood() -> None:
+    # Tokens from two well separated Gaussians: EM finds them, and the fitted mixture scores
+    # every token with scikit-learn's own log likelihood of the fit.
     rng = np.random.default_rng(0)
     d = 32  # vtadl_tiny's token width
     tokens = np.concatenate([rng.normal(-2, 0.5, (300, d)), rng.normal(3, 1.0, (100, d))]).astype(
         np.float32
     )
-    params = fit_mixture(tokens, 2, seed=0)
-    assert sorted(np.exp(params["log_pi"]).round(2)) == [0.25, 0.75]
-    model = create_model("vtadl_tiny", n_gaussians=2, mdn_condition="global").eval()
-    apply_mixture(model, params)
-    x = torch.from_numpy(tokens)[None]
-    with torch.no_grad():
-        nll = mixture_nll(x, model.mdn(x))[0].numpy()
-    reference = GaussianMixture(2, covariance_type="diag", reg_covar=1e-4, random_state=0)
+    mixture = fit_em(tokens, 2, seed=0)
+    assert mixture.n_gaussians == 2
+    assert sorted(mixture.log_pi.exp().numpy().round(2)) == [0.25, 0.75]
+    nll = mixture.nll(torch.from_numpy(tokens)[None])[0].numpy()
+    reference = GaussianMixture_(2, covariance_type="diag", reg_covar=1e-4, random_state=0)
     expected = -reference.fit(tokens).score_samples(tokens)
     np.testing.assert_allclose(nll, expected, rtol=1e-4, atol=1e-3)
-    # An image's own tokens do not change the head's mixture.
-    other = model.mdn(torch.randn(1, 4, d))
-    torch.testing.assert_close(other.mu[0, 0], torch.from_numpy(params["mu"]))
-    # The global head is the mixture's numbers, not maps from a context to them.
-    assert sum(p.numel() for p in model.mdn.parameters()) == 2 * (2 * d + 1)
+    # More Gaussians than tokens: one per token at most, and K records it.
+    assert fit_em(tokens[:5], 8, seed=0).n_gaussians == 5
+
+
+@pytest.mark.parametrize("kind", ["em", "kernel", "position"])
+def test_a_mixture_saves_and_loads_unchanged(kind: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    tokens = rng.normal(size=(6, 8, 4)).astype(np.float32)
+    mixture = {
+        "em": lambda: fit_em(tokens.reshape(-1, 4), 3, seed=0),
+        "kernel": lambda: fit_kernel(tokens.reshape(-1, 4), "all"),
+        "position": lambda: fit_position_kernel(tokens, "all", grids=2),
+    }[kind]()
+    mixture.save(tmp_path / "m.npz", epoch=7)
+    loaded, meta = load_mixture(tmp_path / "m.npz")
+    assert type(loaded) is type(mixture) and meta == {"epoch": 7}
+    x = torch.from_numpy(tokens[:2, :4])
+    torch.testing.assert_close(loaded.nll(x, grid=1), mixture.nll(x, grid=1))
 
 
 @pytest.fixture(scope="module")
@@ -200,26 +215,84 @@ def test_training_leaves_the_mixture_to_em(em_run: Path) -> None:
 
 def test_evaluation_fits_once_per_checkpoint_and_scores_with_the_fit(em_run: Path) -> None:
     result = evaluate_run(em_run)
-    cache = em_run / "mixture_best.npz"
+    cache = em_run / "mixture_best_em4.npz"  # vtadl_tiny's K for em, on one grid
     assert cache.is_file()
     assert 0 <= result["pixel_auroc"] <= 1 and result["score"] == "nll"
+    assert result["mixture_fit"] == "em" and result["n_gaussians"] == 4
     stamp = cache.stat().st_mtime_ns
     scorer = Scorer(em_run)
     assert cache.stat().st_mtime_ns == stamp  # reused, not fitted again
-    with np.load(cache) as fitted:
-        torch.testing.assert_close(
-            scorer.model.mdn.means[: len(fitted["mu"])].cpu(),
-            torch.from_numpy(fitted["mu"]),
-        )
-        assert int(fitted["epoch"]) == scorer.state["epoch"]
+    fitted, meta = load_mixture(cache)
+    torch.testing.assert_close(scorer.mixture.mu.cpu(), fitted.mu)
+    assert meta["epoch"] == scorer.state["epoch"]
+    # The network stays as trained: its head is the untrained placeholder of one component.
+    assert scorer.model.mdn.n_gaussians == 1
     # Another checkpoint epoch (a resumed run) is fitted afresh.
     best = em_run / "checkpoints" / "best.pt"
     state = load_checkpoint(best)
     save_checkpoint(best, **{**state, "epoch": state["epoch"] + 5})
     Scorer(em_run)
-    with np.load(cache) as fitted:
-        assert int(fitted["epoch"]) == state["epoch"] + 5
+    assert load_mixture(cache)[1]["epoch"] == state["epoch"] + 5
     save_checkpoint(best, **state)
+
+
+@pytest.mark.parametrize("fit", ["em", "kernel"])
+def test_k_is_honoured_in_every_fit_and_refitted_without_retraining(em_run: Path, fit) -> None:
+    best = em_run / "checkpoints" / "best.pt"
+    weights = best.read_bytes()
+    for k in (3, 7):
+        result = evaluate_run(em_run, mixture_fit=fit, n_gaussians=k)
+        assert result["mixture_fit"] == fit and result["n_gaussians"] == k
+        scorer = Scorer(em_run, mixture_fit=fit, n_gaussians=k)
+        assert scorer.mixture.n_gaussians == k and scorer.n_gaussians == k
+    assert best.read_bytes() == weights  # refitted, not retrained
+    if fit == "kernel":  # every token kept: as many Gaussians as training tokens
+        tokens = len(Scorer(em_run).source.items("train")) * 16  # 4 x 4 tokens, one grid
+        assert (
+            evaluate_run(em_run, mixture_fit="kernel", n_gaussians="all")["n_gaussians"] == tokens
+        )
+
+
+def test_a_coreset_of_several_k_is_selected_once_and_nested(em_run: Path, monkeypatch) -> None:
+    from vtadl.scoring import mixture_fit
+
+    calls = []
+    real = mixture_fit.greedy_order
+    monkeypatch.setattr(
+        mixture_fit, "greedy_order", lambda x, k, seed: calls.append(k) or real(x, k, seed)
+    )
+    scorer = Scorer(em_run)
+    args = (scorer.model, em_run, "nested.pt", 0, scorer.source, scorer.device, 0)
+    small, large = fitted_mixtures(*args, how="kernel", ks=[5, 12])
+    assert calls == [12]
+    rows = lambda m: {tuple(r) for r in m.centres.cpu().numpy().round(5)}  # noqa: E731
+    assert rows(small) < rows(large) and len(rows(small)) == 5
+
+
+def test_k_does_not_change_the_network_that_is_trained(demo_root: Path, tmp_path: Path) -> None:
+    # With the mixture fitted after training and detached, K is not part of training.
+    runs = []
+    for how, k in (("em", 2), ("kernel", 50)):
+        config = default_config("vtadl_tiny").override(
+            data={"root": str(demo_root), "category": "brick"},
+            model={"n_gaussians": k},
+            train={"epochs": 1, "batch_size": 4, "out": str(tmp_path / how), "mixture_fit": how},
+        )
+        runs.append(load_checkpoint(fit(config) / "checkpoints" / "best.pt")["model"])
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=0)
+
+
+def test_stored_kernels_of_earlier_versions_keep_every_token() -> None:
+    raw = default_config("vtadl_small").to_dict()
+    raw["model"]["n_gaussians"] = 400  # the variant's then, unused by a kernel
+    del raw["preset"]  # written before presets
+    assert Config.from_dict(upgrade_stored(raw)).model.n_gaussians == "all"
+    raw["train"]["mixture_fit"] = "em"
+    assert Config.from_dict(upgrade_stored(raw)).model.n_gaussians == 400
+    fresh = default_config("vtadl_small").override(model={"n_gaussians": 400}).to_dict()
+    assert Config.from_dict(upgrade_stored(fresh)).model.n_gaussians == 400  # K as asked
 
 
 def test_em_needs_a_global_mixture_and_its_likelihood() -> None:
@@ -246,40 +319,33 @@ def test_runs_of_earlier_versions_keep_their_sgd_mixture() -> None:
     assert config.eval.peak_patches == 1  # the peak was the single highest patch score
 
 
-def test_a_kernel_mixture_keeps_every_token_and_scores_like_a_nearest_neighbour() -> None:
-    # Two clusters, one of them rare: a kernel mixture has a Gaussian on every token, so a
-    # token of the rare cluster scores as low as one of the common cluster, while a token
-    # far from both scores high; the head grows to hold it.
+def test_a_kernel_covers_rare_normal_tokens_and_scores_like_a_nearest_neighbour() -> None:
+    # Two clusters, one of them rare: the coreset of a kernel puts centres on the rare cluster
+    # too (it is far from the common one), so a token of the rare cluster scores as low as
+    # one of the common cluster, while a token far from both scores high.
     rng = np.random.default_rng(1)
     d = 32
     common = rng.normal(0, 1, (400, d))
     rare = rng.normal(0, 1, (4, d)) + 6
     tokens = np.concatenate([common, rare]).astype(np.float32)
-    params = kernel_mixture(tokens, bandwidth=0.3)
-    assert np.allclose(np.exp(params["log_pi"]), 1 / len(tokens))
-    np.testing.assert_array_equal(params["mu"], tokens)
+    every = fit_kernel(tokens, "all")
+    np.testing.assert_array_equal(every.centres.numpy(), tokens)
     var = (0.3 * tokens.std(0)) ** 2 + 1e-4
-    np.testing.assert_allclose(np.exp(params["log_var"][7]), var, rtol=1e-5)
-    model = create_model("vtadl_tiny", n_gaussians=4, mdn_condition="global").eval()
-    apply_mixture(model, params)
-    assert model.mdn.means.shape == (len(tokens), d)
-    # The one variance is held once, viewed for every component, not copied 404 times.
-    assert model.mdn.log_vars.shape == (len(tokens), d)
-    assert model.mdn.log_vars.untyped_storage().nbytes() == d * 4
-    np.testing.assert_allclose(model.mdn.log_vars[-1].detach().numpy(), np.log(var), rtol=1e-5)
-    held = model.mdn.means
+    np.testing.assert_allclose(every.log_var.exp().numpy(), var, rtol=1e-5)
+    from vtadl.scoring.coreset import greedy_order
+
+    some = fit_kernel(tokens, 40, greedy_order(tokens, 40, 0))
+    assert some.n_gaussians == 40
+    assert (some.centres.numpy()[:, 0] > 3).sum() >= 1  # a rare token among the centres
+    np.testing.assert_allclose(some.log_var.numpy(), every.log_var.numpy())  # all tokens' spread
     seen = np.stack([common[5], rare[2]]) + rng.normal(0, 0.05, (2, d))
     unseen = rng.normal(0, 1, (1, d)) + 3  # between the clusters, near no token
     x = torch.from_numpy(np.concatenate([seen, unseen]).astype(np.float32))[None]
-    with torch.no_grad():
-        nll = mixture_nll(x, model.mdn(x))[0].numpy()
+    for kernel in (every, some):
+        nll = kernel.nll(x)[0].numpy()
+        assert nll[2] > nll[0] and nll[2] > nll[1]
+    nll = every.nll(x)[0].numpy()
     assert abs(nll[0] - nll[1]) < 0.2 * (nll[2] - nll[0])  # rare but seen ~ common
-    assert nll[2] > nll[0] and nll[2] > nll[1]
-    # The same head can take an EM fit afterwards (the viewed variance is replaced).
-    em = fit_mixture(tokens, 4, seed=0)
-    apply_mixture(model, em)
-    assert model.mdn.means is not held and model.mdn.n_gaussians == 4
-    np.testing.assert_array_equal(model.mdn.log_vars.detach().numpy(), em["log_var"])
 
 
 def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
@@ -288,16 +354,16 @@ def test_the_mixture_is_fitted_at_the_grid_shifts_it_is_scored_at(
     from vtadl.scoring import mixture_fit
 
     sizes = []
-    fit_real = mixture_fit.fit_mixture
+    fit_real = mixture_fit.fit_em
 
     def counting(tokens, k, seed):
         sizes.append(len(tokens))
         return fit_real(tokens, k, seed)
 
-    monkeypatch.setattr(mixture_fit, "fit_mixture", counting)
+    monkeypatch.setattr(mixture_fit, "fit_em", counting)
     Scorer(em_run, eval_overrides={"grid_shifts": 2})
-    assert (em_run / "mixture_best_shifts2.npz").is_file()
-    (em_run / "mixture_best.npz").unlink(missing_ok=True)
+    assert (em_run / "mixture_best_shifts2_em4.npz").is_file()
+    (em_run / "mixture_best_em4.npz").unlink(missing_ok=True)
     Scorer(em_run)
     assert sizes[0] == 4 * sizes[1]  # every training image at 2 x 2 offsets
 
@@ -315,7 +381,7 @@ def test_a_kernel_keeps_up_to_its_own_cap_of_tokens_and_em_fewer(em_run: Path, m
 
     def kernel() -> np.ndarray:
         args = (model, em_run, "best.pt", 0, source, device, 0)
-        return mixture_fit.fitted_mixture(*args, how="kernel", shifts=2)["mu"]
+        return fitted_mixtures(*args, how="kernel", ks=["all"], shifts=2)[0].centres.numpy()
 
     assert len(kernel()) == n // 2
     assert len(training_tokens(model, source, device, 0, 2)) == n // 4  # what EM is fitted to
@@ -328,6 +394,7 @@ def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> No
     calibration = (em_run / "calibration.json").read_text()
     kernel = evaluate_run(em_run, mixture_fit="kernel")
     assert kernel["mixture_fit"] == "kernel" and em["mixture_fit"] == "em"
+    assert kernel["n_gaussians"] > em["n_gaussians"] == 4  # each fit's own default K
     assert kernel["grid_shifts"] == em["grid_shifts"] == 1  # the run's own grid
     assert kernel["pixel_auroc"] != em["pixel_auroc"]
     # The run's own calibration stays the EM mixture's.
@@ -352,15 +419,12 @@ def test_a_kernel_by_position_scores_each_token_against_its_own_position_only() 
     n, grids, cells, d = 6, 2, 4, 32
     centres = 3.0 * np.arange(grids * cells)[None, :, None]
     tokens = (centres + rng.normal(0, 1, (n, grids * cells, d))).astype(np.float32)
-    params = kernel_mixture(tokens, bandwidth=0.3)
-    assert params["mu"].shape == (grids * cells, n, d) and params["log_pi"].shape == (8, n)
-    model = create_model("vtadl_tiny", n_gaussians=4, mdn_condition="global").eval()
-    apply_mixture(model, params)
+    kernel = fit_position_kernel(tokens, "all", grids=grids)
+    assert isinstance(kernel, PositionKernel) and kernel.centres.shape == (8, n, d)
     x = torch.from_numpy(tokens[0, cells:] + rng.normal(0, 0.05, (cells, d)).astype(np.float32))
     x = x[None]  # grid 1's tokens of image 0, slightly moved
-    with torch.no_grad():
-        nll = mixture_nll(x, model.mdn(x, grid=1))[0].numpy().astype(np.float64)
-    var = np.exp(params["log_var"][0, 0].astype(np.float64))
+    nll = kernel.nll(x, grid=1)[0].numpy().astype(np.float64)
+    var = kernel.log_var.exp().numpy().astype(np.float64)
     for cell in range(cells):
         mu = tokens[:, cells + cell].astype(np.float64)  # (n, d): this grid and cell only
         log_n = -0.5 * (
@@ -372,9 +436,13 @@ def test_a_kernel_by_position_scores_each_token_against_its_own_position_only() 
     # nearly), anomalous here.
     moved = x.clone()
     moved[0, 0] = x[0, 2]
-    with torch.no_grad():
-        again = mixture_nll(moved, model.mdn(moved, grid=1))[0].numpy()
+    again = kernel.nll(moved, grid=1)[0].numpy()
     assert again[0] > nll[0] + 100 and abs(again[2] - nll[2]) < 1e-3
+    # K per position: the first K of each position's own coreset order.
+    order = np.tile(np.arange(n)[::-1], (grids * cells, 1))
+    two = fit_position_kernel(tokens, 2, grids=grids, order=order)
+    assert two.n_gaussians == 2 and two.centres.shape == (8, 2, d)
+    np.testing.assert_array_equal(two.centres[3].numpy(), tokens[[4, 5], 3])
 
 
 @pytest.fixture(scope="module")

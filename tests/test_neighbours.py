@@ -7,8 +7,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from vtadl.model import create_model
-from vtadl.scoring.mixture_fit import apply_mixture, kernel_mixture
+from vtadl.scoring.mixture_fit import fit_em, fit_kernel, fit_position_kernel
 from vtadl.scoring.neighbours import ImageNeighbours
 
 GRIDS, CELLS, DIM, IMAGES = 3, 4, 5, 7
@@ -51,11 +50,13 @@ def test_a_wrong_number_of_grids_is_refused() -> None:
 
 
 def test_only_a_kernel_by_position_makes_neighbours() -> None:
-    for condition in ("token", "position"):  # heads that predict a mixture per token
-        assert ImageNeighbours.of(create_model("vtadl_tiny", mdn_condition=condition)) is None
-    model = create_model("vtadl_tiny", img_size=32)
-    assert ImageNeighbours.of(model) is None  # a global head of K Gaussians
-    tokens = np.random.default_rng(0).normal(size=(6, 16 * model.grid_size**2, 64))
-    apply_mixture(model, kernel_mixture(tokens[..., : model.mdn.means.shape[-1]]))
-    neighbours = ImageNeighbours.of(model)
-    assert neighbours is not None and neighbours.grids == 16
+    tokens = np.random.default_rng(0).normal(size=(6, 16 * 4, 8)).astype(np.float32)
+    flat = tokens.reshape(-1, 8)
+    assert fit_em(flat, 2, seed=0).neighbours() is None  # one mixture for every token
+    assert fit_kernel(flat, "all").neighbours() is None
+    # By position, whatever its K: every training image's tokens, 16 grids of 4 cells.
+    for k in ("all", 2):
+        order = np.tile(np.arange(6), (64, 1))
+        neighbours = fit_position_kernel(tokens, k, grids=16, order=order).neighbours()
+        assert neighbours is not None and neighbours.grids == 16
+        assert neighbours.tokens.shape == (64, 6, 8)

@@ -1,7 +1,9 @@
 """Ray Tune searches on the tiny demo: real Ray, real trials, one shared experiment.
 
-The module runs one 2 x 2 grid (Gaussians x noise) with ASHA, interrupted with Ctrl-C after its
-first trial finished and then resumed. Every read of test images or masks through a data
+The module runs one 2 x 3 grid (Gaussians x noise) with ASHA, interrupted with Ctrl-C after its
+first trial finished and then resumed. The mixture is the default kernel, fitted after
+training: K does not change training, so the grid is three trainings (one per noise level),
+each fitting both K. Every read of test images or masks through a data
 source, in this process and in every Ray worker, is appended to a log (a Ray worker setup
 hook wraps the sources' methods), so the tests can check that no trial read the test split
 and that the one final evaluation did. (Listing the split's names and labels is not reading.)
@@ -26,13 +28,13 @@ from typer.testing import CliRunner
 from vtadl.config import default_config
 from vtadl.data.synthetic import KINDS, make_tuning_split
 from vtadl.ray_session import start_local
-from vtadl.tune.settings import TuneSettings
-from vtadl.tune.trial import scoring_epochs
+from vtadl.tune.settings import TuneSettings, default_space, n_trials, search_space
+from vtadl.tune.trial import fitted_after_training, scoring_epochs
 
 ray = pytest.importorskip("ray")
 
 EPOCHS = 3
-GRID = {"gaussians": "2,8", "noise": "0,0.2", "max_concurrent": 1, "name": "grid"}
+GRID = {"gaussians": "2,8", "noise": "0,0.1,0.2", "max_concurrent": 1, "name": "grid"}
 TESTS = str(Path(__file__).parent)
 READS = "VTADL_TEST_READS"
 
@@ -74,9 +76,11 @@ def init_ray(log: Path) -> None:
 
 
 def base_config(root: Path, out: Path):
+    # one token grid: a trial scores every K at each scoring epoch, 16 grids would cost more
     return default_config("vtadl_tiny").override(
         data={"root": str(root), "category": "brick"},
         train={"epochs": EPOCHS, "batch_size": 4, "out": str(out)},
+        eval={"grid_shifts": 1},
     )
 
 
@@ -159,15 +163,31 @@ def _rows(experiment: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_each_network_is_trained_once_and_every_k_fitted_to_it(search) -> None:
+    rows = _rows(search["experiment"])
+    assert len(rows) == 6
+    assert {(r["n_gaussians"], r["noise_std"]) for r in rows} == {
+        (k, noise) for k in ("2", "8") for noise in ("0.0", "0.1", "0.2")
+    }
+    assert {r["mixture_fit"] for r in rows} == {"kernel"}
+    trainings = {}
+    for r in rows:
+        trainings.setdefault(r["trial_id"], []).append(r)
+    assert len(trainings) == 3  # one per noise level, not one per (K, noise)
+    for same in trainings.values():
+        assert [r["n_gaussians"] for r in same] == ["2", "8"]
+        assert len({(r["noise_std"], r["run_dir"], r["epochs"], r["state"]) for r in same}) == 1
+    # Both K were fitted to each network and scored apart.
+    assert any(same[0]["au_pro"] != same[1]["au_pro"] for same in trainings.values())
+    run_dir = Path(rows[0]["run_dir"])
+    assert {p.name for p in run_dir.glob("mixture_best*")} >= {
+        "mixture_best_kernel2.npz",
+        "mixture_best_kernel8.npz",
+    }
+
+
 def test_every_trial_reports_and_asha_stops_some(search) -> None:
     rows = _rows(search["experiment"])
-    assert len(rows) == 4
-    assert {(r["n_gaussians"], r["noise_std"]) for r in rows} == {
-        ("2", "0.0"),
-        ("2", "0.2"),
-        ("8", "0.0"),
-        ("8", "0.2"),
-    }
     for r in rows:
         assert 0.0 <= float(r["au_pro"]) <= 1.0
         assert 1 <= int(r["epochs"]) <= EPOCHS
@@ -188,6 +208,7 @@ def test_best_is_chosen_on_the_tuning_split_and_the_test_split_is_read_once(sear
     summary, rows = search["summary"], _rows(search["experiment"])
     best = max(rows, key=lambda r: float(r["au_pro"]))
     assert summary["best"]["trial_id"] == best["trial_id"]
+    assert str(summary["best"]["n_gaussians"]) == best["n_gaussians"]
     assert summary["metric"] == "au_pro"
     lines = [line.split(" ", 2) for line in search["log"]]
     # The hook ran in the Ray workers of both phases, not only here.
@@ -202,14 +223,32 @@ def test_best_run_is_a_train_run_evaluated_on_the_test_split(search) -> None:
     summary = search["summary"]
     run = Path(summary["best_run"])
     assert run.parent == search["out"] / "mvtec" / "brick"
+    k = int(float(summary["best"]["n_gaussians"]))
     config = (run / "config.yaml").read_text()
-    assert f"n_gaussians: {int(float(summary['best']['n_gaussians']))}" in config
-    assert "mixture_fit: em" in config  # a search over K fits K Gaussians
+    assert f"n_gaussians: {k}" in config and "mixture_fit: kernel" in config  # the run's fit
     assert len((run / "history.jsonl").read_text().splitlines()) == EPOCHS
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_gaussians"] == k and metrics["mixture_fit"] == "kernel"
     assert metrics == {**metrics, **{k: summary["test_metrics"][k] for k in ("au_pro", "n_test")}}
     assert list((run / "maps").glob("*.png"))
     assert not (Path(summary["best"]["run_dir"]) / "metrics.json").exists()
+
+
+def test_the_winner_is_a_config_file_that_train_takes_unchanged(search) -> None:
+    from vtadl.checkpoints import model_from_checkpoint
+    from vtadl.runs import train_config
+
+    summary = search["summary"]
+    path = Path(summary["best_config"])
+    assert path.parent == search["experiment"]
+    config, _ = train_config(config_file=path)
+    best = summary["best"]
+    assert config.model.n_gaussians == int(float(best["n_gaussians"]))
+    assert config.model.noise_std == float(best["noise_std"])
+    assert config.data.category == "brick" and config.train.epochs == EPOCHS
+    # The best run's checkpoint says the same K: predict and evaluate use it.
+    stored, _, _ = model_from_checkpoint(Path(summary["best_run"]) / "checkpoints" / "best.pt")
+    assert stored.model == config.model
 
 
 def test_resume_completed_the_search_without_redoing_finished_trials(search) -> None:
@@ -240,16 +279,26 @@ def test_report_of_a_search_holds_table_ablation_and_gallery(search, tmp_path) -
     assert "http://" not in page and "https://" not in page
 
 
-def test_a_search_over_the_number_of_gaussians_fits_that_many() -> None:
-    from vtadl.tune.trial import searchable
-
+def test_k_is_searched_under_the_run_s_own_fit_and_trained_only_when_it_shapes_training():
+    ray_tune = pytest.importorskip("ray.tune")
     config = default_config("vtadl_tiny")
-    assert config.train.mixture_fit == "kernel"  # one Gaussian per training token
-    assert searchable(config, TuneSettings()).train.mixture_fit == "em"  # the paper's ablation
-    noise_only = TuneSettings(space={"noise_std": [0.0, 0.1]})
-    assert searchable(config, noise_only).train.mixture_fit == "kernel"
-    sgd = config.override(train={"mixture_fit": "sgd"})
-    assert searchable(sgd, TuneSettings()).train.mixture_fit == "sgd"
+    assert config.train.mixture_fit == "kernel"
+    # No values: K under the run's fit (coreset sizes for a kernel), and the noise.
+    assert default_space("kernel")["n_gaussians"] == [1024, 4096, 16384]
+    assert default_space("em")["n_gaussians"] == [10, 50, 100, 150]  # the paper's ablation
+    assert default_space("sgd")["noise_std"] == [0.0, 0.1, 0.2]
+    settings = TuneSettings(space={"n_gaussians": [2, 8, "all"], "noise_std": [0.0, 0.2]})
+    for how in ("kernel", "em"):  # fitted after training: not a trial dimension
+        fitted = fitted_after_training(config.override(train={"mixture_fit": how}), settings)
+        assert fitted == ("n_gaussians",)
+        assert n_trials(settings, fitted) == 2
+        assert search_space(settings, fitted) == {"noise_std": ray_tune.grid_search([0.0, 0.2])}
+    sgd = config.override(train={"mixture_fit": "sgd"})  # K is trained: a trial each
+    assert fitted_after_training(sgd, settings) == ()
+    assert n_trials(settings) == 6
+    attached = config.override(model={"mdn_detach": False}, train={"mixture_fit": "em"})
+    assert fitted_after_training(attached, settings) == ()  # the head shapes the encoder
+    assert fitted_after_training(config, TuneSettings(space={"noise_std": [0.1]})) == ()
 
 
 def test_tuning_split_masks_are_exact() -> None:
@@ -276,6 +325,7 @@ def test_tuning_split_masks_are_exact() -> None:
         (["--noise", "0.1,-0.2"], "at least 0.0"),
         (["--noise", "0.1,high"], "not a number"),
         (["--gaussians", "2.5"], "whole number"),
+        (["--gaussians", "8,all", "--mixture-fit", "em"], "n_gaussians all"),
         (["--metric", "f1"], "unknown metric"),
         (["--scheduler", "hyperband"], "unknown scheduler"),
         (["--search", "bayes"], "unknown search"),
@@ -316,9 +366,9 @@ def test_trials_report_at_scoring_epochs_and_otherwise_at_most_every_interval(
     sent, scored = [], []
     monkeypatch.setattr(ray.tune, "report", lambda metrics: sent.append(metrics["epoch"]))
 
-    def score(run_dir, split):
+    def score(run_dir, split, ks):
         scored.append(run_dir)
-        return {"au_pro": 0.5, "pixel_auroc": 0.6, "image_auroc": 0.7}
+        return [{"au_pro": 0.5, "pixel_auroc": 0.6, "image_auroc": 0.7}]
 
     monkeypatch.setattr(trial, "tuning_scores", score)
 

@@ -50,9 +50,18 @@ def model_from_checkpoint(path: str | Path) -> tuple[Config, VTADL, dict[str, An
     inside it."""
     state = load_checkpoint(path)
     config = Config.from_dict(upgrade_stored(state["config"]))
-    model = build_model(config.model)
+    model = build_model(config.model, stored_head_size(state["model"]))
     model.load_state_dict(state["model"])
     return config, model.eval(), state
+
+
+def stored_head_size(weights: dict[str, Any]) -> int:
+    """The number of components of a stored model's mixture head, from its weights (a
+    global head's logits, or the token head's mixing layer)."""
+    for name in ("mdn.logits", "mdn.pi.bias"):
+        if name in weights:
+            return int(weights[name].shape[0])
+    raise RunError("the checkpoint holds no mixture head")
 
 
 class CheckpointPolicy:

@@ -12,11 +12,13 @@ import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
 from vtadl.exceptions import ConfigError
+from vtadl.presets import PRESETS, preset_layer
 
 MDN_LOSSES = ("mixture", "reference")
 MIXTURE_FITS = ("em", "kernel", "sgd")
@@ -34,7 +36,8 @@ PLACEMENTS = ("pack", "spread")
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
 MAX_WORKERS = 4_096  # Ray Train workers, data loader workers
-MAX_GAUSSIANS = 100_000
+MAX_GAUSSIANS = 1_000_000  # a kernel may keep hundreds of thousands of tokens
+GAUSSIAN_WORDS = ("auto", "all")  # model.n_gaussians besides a count
 MAX_SIZE = 65_536  # pixels of an image or tile, channels of a layer
 MAX_LAYERS = 1_024
 MAX_SEED = 2**32
@@ -52,7 +55,10 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     qkv_bias: bool = False
     noise_std: float = 0.2
-    n_gaussians: int = 150
+    # K, the number of Gaussians of the mixture over the tokens, in every fit
+    # (`train.mixture_fit`): "auto" takes the variant's default for the fit
+    # (DEFAULT_GAUSSIANS); "all", for a kernel only, puts one on every training token kept.
+    n_gaussians: int | str = "auto"
     # What the mixture parameters are predicted from: "token" is the published design (the
     # token itself, clamped at zero); "position" learns one context per patch position;
     # "global" one context for all positions (one mixture is the density of every token).
@@ -94,12 +100,13 @@ class TrainConfig:
     w_ssim: float = 0.5
     w_nll: float = 1.0
     mdn_loss: str = "mixture"
-    # How the mixture over the tokens is fitted. "kernel": after training, a Gaussian on
-    # every clean training token (a kernel density; n_gaussians is unused; a global mixture
-    # only). "em": after training too, n_gaussians Gaussians fitted by expectation-
-    # maximisation to the same tokens. With either and mdn_detach the head is not trained
-    # with the network at all. "sgd": by the training loss, with the network (the published
-    # way). Chosen on real photographs: docs/decisions.md.
+    # How the mixture of K = model.n_gaussians Gaussians over the tokens is fitted. "kernel":
+    # after training, K Gaussians of one shared bandwidth centred on K clean training tokens
+    # chosen by a greedy k-center coreset (a kernel density; a global mixture only). "em":
+    # after training too, K Gaussians fitted by expectation-maximisation to the same tokens.
+    # With either and mdn_detach the head is not trained with the network at all, and K does
+    # not change training. "sgd": by the training loss, with the network (the published way).
+    # Chosen on real photographs: docs/decisions.md.
     mixture_fit: str = "kernel"
     precision: str = "fp32"
     device: str = "auto"
@@ -173,6 +180,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Config:
     variant: str = "vtadl_paper"
+    # The preset the run's config started from (vtadl.presets; "" for none).
+    preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,7 +218,6 @@ VARIANTS: dict[str, ModelConfig] = {
         depth=4,
         num_heads=4,
         mlp_ratio=2.0,
-        n_gaussians=400,
         decoder_channels=128,
     ),
     # For tests: a few thousand parameters per block.
@@ -220,9 +228,19 @@ VARIANTS: dict[str, ModelConfig] = {
         depth=2,
         num_heads=2,
         mlp_ratio=2.0,
-        n_gaussians=4,
         decoder_channels=32,
     ),
+}
+
+
+# K for model.n_gaussians "auto", by variant and fit. sgd and em: the paper's 150 at its
+# size, 400 for the 16 x 16 tokens of vtadl_small. kernel: the coreset's size, chosen by
+# measurement on the photo benchmark and the digits (docs/decisions.md).
+KERNEL_GAUSSIANS = 4096
+DEFAULT_GAUSSIANS: dict[str, dict[str, int | str]] = {
+    "vtadl_paper": {"sgd": 150, "em": 150, "kernel": KERNEL_GAUSSIANS},
+    "vtadl_small": {"sgd": 400, "em": 400, "kernel": KERNEL_GAUSSIANS},
+    "vtadl_tiny": {"sgd": 4, "em": 4, "kernel": KERNEL_GAUSSIANS},
 }
 
 
@@ -236,6 +254,16 @@ def kernel_scope(config: Config) -> str | None:
     if scope == "auto":
         return "position" if config.data.dataset == "mnist" else "image"
     return scope
+
+
+def gaussians(config: Config) -> int | str:
+    """K, what `model.n_gaussians` comes to for this config: a count, or "all" (a kernel on
+    every training token kept); "auto" is the variant's default for the fit
+    (DEFAULT_GAUSSIANS)."""
+    k = config.model.n_gaussians
+    if k == "auto":
+        return DEFAULT_GAUSSIANS[config.variant][config.train.mixture_fit]
+    return k
 
 
 def resolved_image_score(config: Config) -> str:
@@ -292,7 +320,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def layered_config(variant: str, *layers: dict[str, Any]) -> Config:
     """The variant's defaults with each layer's (partial) sections applied in turn, so later
-    layers win: variant < config file < options. A layer's own `variant` key is ignored."""
+    layers win: variant < preset (`presets.preset_layer`) < config file < options. A layer's
+    own `variant` key is ignored; a `preset` key only records the name (the preset's
+    sections are its own layer)."""
     if not isinstance(variant, str):
         raise ConfigError(f"variant must be a string, got {variant!r}")
     base = default_config(variant).to_dict()
@@ -308,9 +338,12 @@ def layered_config(variant: str, *layers: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a YAML or JSON config file; sections may be partial, the variant fills the model."""
+    """Read a YAML or JSON config file; sections may be partial, the variant (and the preset
+    the file names, if any) fill the rest."""
     raw = read_config_file(path)
-    return layered_config(raw.get("variant", "vtadl_paper"), raw)
+    return layered_config(
+        raw.get("variant", "vtadl_paper"), preset_layer(raw.get("preset", "")), raw
+    )
 
 
 def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +360,12 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
         values = raw.get(section)
         if isinstance(values, dict) and key not in values:
             raw = {**raw, section: {**values, key: then}}
+    model, train = raw.get("model"), raw.get("train")
+    # Before presets (and K in every fit), a kernel kept every training token whatever
+    # n_gaussians said.
+    if "preset" not in raw and isinstance(model, dict) and isinstance(train, dict):
+        if train.get("mixture_fit") == "kernel":
+            raw = {**raw, "model": {**model, "n_gaussians": "all"}}
     return raw
 
 
@@ -374,10 +413,11 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         )
     if m.embed_dim % m.num_heads:
         raise ConfigError(f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
-    if not 0 < m.n_gaussians <= MAX_GAUSSIANS:
+    k = m.n_gaussians
+    if k not in GAUSSIAN_WORDS and not (isinstance(k, int) and 0 < k <= MAX_GAUSSIANS):
         raise ConfigError(
             f"n_gaussians (the number of Gaussians) must be between 1 and {MAX_GAUSSIANS}, "
-            f"got {_shown(m.n_gaussians)}"
+            f"auto or all, got {_shown(k) if isinstance(k, int) else repr(k)}"
         )
     if m.mlp_ratio <= 0:
         raise ConfigError(f"mlp_ratio must be positive, got {m.mlp_ratio}")
@@ -418,6 +458,10 @@ def _count_checks(c: Config) -> list[tuple[bool, str]]:
             for name, value, most in bounded
         ),
         (0 <= t.seed < MAX_SEED, f"seed must be in [0, 2**32), got {_shown(t.seed)}"),
+        (
+            c.preset == "" or c.preset in PRESETS,
+            f"unknown preset {c.preset!r}; known presets: {', '.join(PRESETS)}",
+        ),
         _plain_name("category", d.category),
         _plain_name("dataset", d.dataset),
     ]
@@ -453,6 +497,11 @@ def _train_checks(c: Config) -> list[tuple[bool, str]]:
         (
             t.mixture_fit in MIXTURE_FITS,
             f"mixture_fit must be one of {MIXTURE_FITS}, got {t.mixture_fit!r}",
+        ),
+        (
+            c.model.n_gaussians != "all" or (t.mixture_fit == "kernel" and c.model.mdn_detach),
+            f"n_gaussians all (a Gaussian on every training token) is for mixture_fit kernel "
+            f"with mdn_detach, got {t.mixture_fit!r}; give a number",
         ),
         (
             t.mixture_fit == "sgd" or c.model.mdn_condition == "global",
@@ -545,10 +594,19 @@ def _replace(obj: Any, values: dict[str, Any], where: str) -> Any:
 _KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
-def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _typed(f: dataclasses.Field | SimpleNamespace, value: Any, where: str) -> Any:
     """`value` as the field's type. YAML reads `1e-4` as a string, so numbers written as
     strings are accepted; anything else of the wrong type is a ConfigError."""
     kind = f.type
+    if kind == "int | str":  # a count or one of its words (model.n_gaussians)
+        if isinstance(value, str) and value.strip().lower() in GAUSSIAN_WORDS:
+            return value.strip().lower()
+        try:
+            return _typed(SimpleNamespace(type="int", name=f.name), value, where)
+        except ConfigError:
+            raise ConfigError(
+                f"{where} option {f.name} must be a whole number, auto or all, got {value!r}"
+            ) from None
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "str" and isinstance(value, str):

@@ -26,16 +26,20 @@ def evaluate_run(
     *,
     eval_overrides: dict | None = None,
     mixture_fit: str | None = None,
+    n_gaussians: int | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score the test split of a run with its best checkpoint; write metrics.json and maps/.
 
     `eval_overrides` (score, image_score, smoothing_sigma) evaluate the same model another way,
-    and so does `mixture_fit` (em or kernel, for a run fitted either way); metrics.json
-    records which way. Pixel metrics are None, with the reason in
+    and so do `mixture_fit` and `n_gaussians` (em or kernel with any K, for a run fitted
+    either way: the mixture is refitted, the network is not retrained); metrics.json records
+    which way, and K as used. Pixel metrics are None, with the reason in
     `pixel_metrics_absent`, when no test mask marks a pixel (MNIST, or empty masks).
     """
-    scorer = Scorer(run_dir, eval_overrides=eval_overrides, mixture_fit=mixture_fit)
+    scorer = Scorer(
+        run_dir, eval_overrides=eval_overrides, mixture_fit=mixture_fit, n_gaussians=n_gaussians
+    )
     c, src = scorer.config, scorer.source
     items = src.items("test")
     if not items:
@@ -91,6 +95,7 @@ def _how_scored(scorer: Scorer) -> dict:
         "grid_shifts": e.grid_shifts,
         "mdn_loss": t.mdn_loss,
         "mixture_fit": t.mixture_fit,
+        "n_gaussians": scorer.n_gaussians,
         "kernel_scope": scorer.kernel_scope,
         "checkpoint": BEST,
         "best_epoch": scorer.state["epoch"] + 1,

@@ -220,4 +220,5 @@ def _tune(job, config: Config, options: dict[str, Any], joblog: JobLog) -> dict[
     summary = tune(config, {**options, "name": job.id, "resume": resume})
     said = f"finished: best trial {summary['best']['trial_id']}"
     return _finished(job, joblog, "tune", config, summary["best_run"], summary["test_metrics"],
-                     said, experiment=str(experiment))  # fmt: skip
+                     said, experiment=str(experiment),
+                     best_config=summary["best_config"])  # fmt: skip

@@ -157,6 +157,8 @@ def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path
         "run_dir": str(scorer.run_dir),
         "threshold": cal.image_threshold,
         "image_score": scorer.image_score,
+        "mixture_fit": scorer.config.train.mixture_fit,
+        "n_gaussians": scorer.n_gaussians,
         "images": scored,
         "failed": failed,
     }

@@ -258,6 +258,7 @@ def describe(job) -> dict[str, Any]:
         "started_at": job.started_at.timestamp() if job.started_at else None,
         "ended_at": job.ended_at.timestamp() if job.ended_at and state in FINAL else None,
         "run_dir": _typed(meta.get("run_dir"), text),
+        "best_config": _typed(meta.get("best_config"), text),  # a search's winner
         "metrics": _typed(meta.get("metrics"), (dict,)),
         "error": None,
         "attempts": _typed(meta.get("attempts"), number) or 0,

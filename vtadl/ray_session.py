@@ -126,6 +126,7 @@ def start_local(num_cpus: int, num_gpus: int = 0, **init: Any) -> None:
         runtime_env=runtime_env,
         **init,
     )
+    log.info("started a private Ray instance; its dashboard: http://127.0.0.1:%d", port)
 
 
 def _refused(address: str, exc: Exception) -> str:

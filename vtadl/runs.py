@@ -22,8 +22,11 @@ from vtadl.config import (
     layered_config,
     load_stored_config,
     read_config_file,
+    save_config,
+    upgrade_stored,
 )
 from vtadl.exceptions import ConfigError
+from vtadl.presets import preset_layer
 
 if TYPE_CHECKING:
     from vtadl.training import Callbacks
@@ -104,48 +107,38 @@ def train_config(
     overrides: dict[str, dict[str, Any]] | None = None,
     config_file: str | Path | None = None,
     variant: str | None = None,
+    preset: str | None = None,
     resume: bool = False,
 ) -> tuple[Config, Path | None]:
     """The config to train and, with `resume`, the run folder to continue.
 
     `overrides` holds the explicit options by section (`{"data": {"category": "bottle"}}`;
-    a value of `None` means not given). Precedence: variant defaults < config file <
-    overrides; paths become absolute. A resumed run keeps the config stored with it: it
-    honours the number of epochs and a new dataset root (a moved dataset), and refuses any
-    other value that differs from the stored one.
+    a value of `None` means not given). Precedence: variant defaults < preset < config file <
+    overrides; paths become absolute. `preset` (None: not given) wins over the file's own
+    `preset:`; "" is none. A resumed run keeps the config stored with it: it honours the
+    number of epochs and a new dataset root (a moved dataset), and refuses any other value
+    that differs from the stored one.
     """
     unknown = set(overrides or {}) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown config section(s) {', '.join(sorted(unknown))}")
     options = {section: _given((overrides or {}).get(section) or {}) for section in _SECTIONS}
     if resume:
-        return _resume_config(config_file, variant, options)
+        return _resume_config(config_file, variant, preset, options)
     raw = read_config_file(config_file) if config_file else {}
-    cfg = absolute_paths(layered_config(variant or raw.get("variant", "vtadl_paper"), raw, options))
+    in_file = raw.pop("preset", "")  # the preset's own layer records its name
+    layers = (preset_layer(in_file if preset is None else preset), raw, options)
+    cfg = absolute_paths(layered_config(variant or raw.get("variant", "vtadl_paper"), *layers))
     if not cfg.data.category:
         raise ConfigError("no category given (--category NAME)")
-    _check_gaussians_are_used(raw, options, cfg)
     return cfg, None
 
 
-def _check_gaussians_are_used(raw: dict, options: dict[str, dict], cfg: Config) -> None:
-    """A number of Gaussians asked for while the mixture resolves to the kernel default,
-    which has one on every training token, would be ignored without a word: refuse it."""
-    given = lambda section, key: key in options[section] or key in (raw.get(section) or {})
-    if (
-        cfg.train.mixture_fit == "kernel"
-        and given("model", "n_gaussians")
-        and not given("train", "mixture_fit")
-    ):
-        raise ConfigError(
-            f"n_gaussians {cfg.model.n_gaussians} is unused by the default kernel mixture (a "
-            "Gaussian on every training token); add --mixture-fit em (or train.mixture_fit: "
-            "em) to fit that many"
-        )
-
-
 def _resume_config(
-    config_file: str | Path | None, variant: str | None, options: dict[str, dict[str, Any]]
+    config_file: str | Path | None,
+    variant: str | None,
+    preset: str | None,
+    options: dict[str, dict[str, Any]],
 ) -> tuple[Config, Path]:
     from vtadl.run_folders import latest_run
 
@@ -165,6 +158,8 @@ def _resume_config(
         if variant not in (None, stored.variant)
         else []
     )
+    if preset not in (None, stored.preset):
+        changed.append(f"preset ({stored.preset or 'none'} -> {preset or 'none'})")
     for section, values in options.items():
         old, new = getattr(absolute_paths(stored), section), getattr(wanted, section)
         for key in values:
@@ -174,3 +169,23 @@ def _resume_config(
         raise ConfigError(f"a resumed run keeps its config; cannot change {', '.join(changed)}")
     honoured = {"epochs": train.get("epochs"), "out": out}
     return absolute_paths(stored.override(train=honoured, data={"root": data.get("root")})), run_dir
+
+
+def set_gaussians(run_dir: Path, k: int | str) -> Config:
+    """Make K the run's own number of Gaussians (a mixture fitted after training, whose
+    network K does not change): its config.yaml and the configs inside its checkpoints say
+    K, and its calibration is made afresh at the next evaluation. A search's best run is so
+    made from the trial that trained its network."""
+    from vtadl.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint
+    from vtadl.scoring.scorer import refit
+
+    config = refit(load_stored_config(run_dir / "config.yaml"), None, k)
+    save_config(config, run_dir / "config.yaml")
+    for name in (BEST, LAST):
+        path = run_dir / "checkpoints" / name
+        if path.exists():
+            state = load_checkpoint(path)
+            stored = Config.from_dict(upgrade_stored(state["config"]))
+            save_checkpoint(path, **{**state, "config": refit(stored, None, k).to_dict()})
+    (run_dir / "calibration.json").unlink(missing_ok=True)
+    return config

@@ -23,6 +23,7 @@ from vtadl.queue import (
 from vtadl.runs import train_config
 from vtadl.service import connect
 from vtadl.tune.settings import settings_from_options
+from vtadl.tune.trial import settings_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def submit_categories(
     overrides: dict[str, dict[str, Any]],
     config_file: str | Path | None = None,
     variant: str | None = None,
+    preset: str | None = None,
     kind: str = "train",
     search: dict[str, Any] | None = None,
     priority: str = "normal",
@@ -52,10 +54,11 @@ def submit_categories(
     """Queue one `kind` job ("train", or "tune" with the `search` options of
     `vtadl.tune.driver.tune`) per category of `categories`, or of every category under `root`.
 
-    `overrides` are the config sections the options set (as `vtadl.runs.train_config` takes
-    them); `timeout` is a duration such as "12h" (None: the queue's default); `warn` receives
-    each dataset warning. Raises on the first invalid option or category, before connecting
-    to the queue's Redis (`redis_url`) and enqueueing anything.
+    `overrides` are the config sections the options set; they, `config_file`, `variant` and
+    `preset` are as `vtadl.runs.train_config` takes them. `timeout` is a duration such as
+    "12h" (None: the queue's default); `warn` receives each dataset warning. Raises on the
+    first invalid option or category, before connecting to the queue's Redis (`redis_url`)
+    and enqueueing anything.
     """
     queue_name(priority)
     check_retries(retries, retry_backoff)
@@ -72,6 +75,7 @@ def submit_categories(
         overrides=overrides,
         config_file=config_file,
         variant=variant,
+        preset=preset,
         search=search if kind == "tune" else None,
         warn=warn,
     )
@@ -95,6 +99,7 @@ def category_requests(
     overrides: dict[str, dict[str, Any]],
     config_file: str | Path | None = None,
     variant: str | None = None,
+    preset: str | None = None,
     search: dict[str, Any] | None = None,
     warn: Callable[[str], None] = logger.warning,
 ) -> list[dict]:
@@ -110,8 +115,12 @@ def category_requests(
         where = {"dataset": dataset, "root": str(root), "category": name}
         sections = {**overrides, "data": {**overrides.get("data", {}), **where}}
         # train_config makes every path absolute: workers may run in other folders
-        cfg, _ = train_config(overrides=sections, config_file=config_file, variant=variant)
+        cfg, _ = train_config(
+            overrides=sections, config_file=config_file, variant=variant, preset=preset
+        )
         _check(dataset, root, name, warn)  # a valid config first: its category is a plain name
+        if search is not None:  # the searched values fit this config (K all: a kernel)
+            settings_for(cfg, settings_from_options(search))
         requests.append(
             make_request("train", cfg) if search is None else make_request("tune", cfg, search)
         )

@@ -31,6 +31,7 @@ from vtadl.config import (
     Config,
     TrainConfig,
     absolute_paths,
+    gaussians,
     save_config,
     validate,
 )
@@ -103,10 +104,26 @@ def training_model(config: Config, device: torch.device) -> VTADL:
     """A new model of the config on `device`, ready to train: with the mixture fitted after
     training, its head is frozen, so that DDP and DeepSpeed do not wait for gradients that
     never come."""
-    model = build_model(config.model).to(device)
+    model = build_model(config.model, head_gaussians(config)).to(device)
     if trains_without_mixture(config):
         model.mdn.requires_grad_(False)
     return model
+
+
+def head_gaussians(config: Config) -> int:
+    """The size of the model's mixture head: K when the head is trained (sgd, or a fit after
+    training whose head still shapes the encoder without mdn_detach), else one component:
+    the head is then never trained nor scored (the fitted mixture is an object of its own,
+    vtadl.scoring.mixtures), so that K does not change the network that is trained."""
+    if trains_without_mixture(config):
+        return 1
+    k = gaussians(config)
+    if not isinstance(k, int):
+        raise ConfigError(
+            f"n_gaussians {k} needs a mixture fitted after training with mdn_detach; a "
+            "trained head needs a number"
+        )
+    return k
 
 
 def trains_without_mixture(config: Config) -> bool:

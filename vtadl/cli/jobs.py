@@ -61,6 +61,7 @@ def _submit(
         overrides=config_sections(options),
         config_file=config,
         variant=options["variant"],
+        preset=options["preset"],
         kind="tune" if tune else "train",
         search=search,
         priority=priority,
@@ -343,3 +344,11 @@ def results(redis_url: str | None = REDIS_URL, as_json: bool = AS_JSON) -> None:
             means.append(_fmt(sum(values) / len(values)) if values else "n/a")
         table.add_row("[bold]mean[/bold]", *means, "", end_section=True)
         out.print(table)
+        for r in mine:
+            if r.get("best_config"):
+                out.print(
+                    f"{r['category']}: the search's best settings: vtadl train --config "
+                    f"{r['best_config']}",
+                    highlight=False,
+                    soft_wrap=True,
+                )

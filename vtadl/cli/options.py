@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from vtadl.config import VARIANTS
+from vtadl.config import DEFAULT_GAUSSIANS, VARIANTS
 
 
 def flag(name: str, help: str, *short: str):
@@ -29,6 +29,22 @@ def variant_default(field: str) -> str:
     shown = ", ".join(f"{name} {value}" for name, value in values.items())
     return f"from the variant: {shown}"
 
+
+def _gaussians_default() -> str:
+    """model.n_gaussians's default as help text: auto, and what it comes to by fit."""
+    by_fit = {
+        fit: ", ".join(
+            f"{name.removeprefix('vtadl_')} {ks[fit]}" for name, ks in DEFAULT_GAUSSIANS.items()
+        )
+        for fit in ("sgd", "em")
+    }
+    return (
+        f"auto: sgd {by_fit['sgd']}; em {by_fit['em']}; kernel "
+        f"{DEFAULT_GAUSSIANS['vtadl_small']['kernel']}"
+    )
+
+
+GAUSSIANS_DEFAULT = _gaussians_default()
 
 REDIS_URL = typer.Option(
     None,
@@ -75,7 +91,7 @@ TRAIN_FIELDS = {
     "kernel_scope": "eval.kernel_scope",
 }
 # `train`'s options that are not config fields: where the config starts, and what to print.
-NOT_FIELDS = frozenset({"config", "variant", "resume", "as_json"})
+NOT_FIELDS = frozenset({"config", "variant", "preset", "resume", "as_json"})
 
 
 def config_sections(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -98,5 +114,6 @@ def config_from_options(options: Mapping[str, Any]):
         overrides=config_sections(options),
         config_file=options.get("config"),
         variant=options.get("variant"),
+        preset=options.get("preset"),
         resume=options.get("resume", False),
     )

@@ -12,9 +12,16 @@ import typer
 from rich.markup import escape
 
 from vtadl.cli.console import err, handle_errors, out
-from vtadl.cli.options import config_from_options, flag, option, variant_default
+from vtadl.cli.options import (
+    GAUSSIANS_DEFAULT,
+    config_from_options,
+    flag,
+    option,
+    variant_default,
+)
 from vtadl.cli.progress import RichCallbacks, print_metrics, progress_bars
 from vtadl.config import VARIANTS, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from vtadl.presets import PRESETS
 
 _D, _M, _T, _E = DataConfig(), ModelConfig(), TrainConfig(), EvalConfig()
 
@@ -60,8 +67,13 @@ def train(
     variant: str | None = option(
         "vtadl_paper", f"Model size: {', '.join(VARIANTS)} (paper: 512 px; tiny: for tests)."
     ),
+    preset: str | None = option(
+        "none",
+        f"A whole method: {', '.join(PRESETS)} (the paper's, docs/model.md). It overrides the "
+        "variant; --config and options override it.",
+    ),
     config: Path | None = option(
-        None, "YAML/JSON config file; it overrides the variant, options override it."
+        None, "YAML/JSON config file; it overrides the variant and preset, options override it."
     ),
     epochs: int | None = option(_T.epochs, "Passes over the training images."),
     image_size: int | None = option(
@@ -71,11 +83,14 @@ def train(
     lr: float | None = option(_T.lr, "Learning rate (Adam)."),
     mixture_fit: str | None = option(
         _T.mixture_fit,
-        "The mixture over the tokens: kernel (a Gaussian on every training token), em "
-        "(--n-gaussians fitted after training) or sgd (trained with the network, the paper).",
+        "The mixture of K Gaussians over the tokens: kernel (centred on K training tokens "
+        "chosen by a coreset), em (fitted by EM after training) or sgd (trained with the "
+        "network, the paper).",
     ),
-    n_gaussians: int | None = option(
-        variant_default("n_gaussians"), "Gaussians in the mixture (em, sgd)."
+    n_gaussians: str | None = option(
+        GAUSSIANS_DEFAULT,
+        "K, the number of Gaussians, in every fit: a number, all (kernel: every training "
+        "token) or auto.",
     ),
     noise_std: float | None = option(_M.noise_std, "Noise on the tokens in training; 0 disables."),
     mdn_loss: str | None = option(_T.mdn_loss, "mixture (true NLL) or reference (published form)."),
@@ -143,7 +158,12 @@ def evaluate(
         None, help="Score the patch grid at N x N offsets for a finer map (N^2 passes)."
     ),
     mixture_fit: str | None = typer.Option(
-        None, help="Refit the mixture after training: em (K Gaussians) or kernel (every token)."
+        None, help="Refit the mixture after training: em or kernel (not for sgd)."
+    ),
+    n_gaussians: str | None = typer.Option(
+        None,
+        help="Refit the mixture after training with K Gaussians (a number, all for a kernel "
+        "on every training token, auto); the network is not retrained.",
     ),
     kernel_scope: str | None = typer.Option(
         None, help="Kernel: tokens of the whole image (image) or of each position (position)."
@@ -170,6 +190,7 @@ def evaluate(
             run_dir,
             eval_overrides=overrides,
             mixture_fit=mixture_fit,
+            n_gaussians=n_gaussians,
             progress=lambda i, n: progress.update(task, completed=i, total=n),
         )
     print_metrics(result, run_dir, as_json)

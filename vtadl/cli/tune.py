@@ -21,7 +21,9 @@ _NOT_FOR_TUNE = {"resume", "as_json", "lr", "n_gaussians", "noise_std"}
 
 def _tune(
     gaussians: str | None = typer.Option(
-        None, help="Numbers of Gaussians to try, e.g. 10,50,100,150."
+        None,
+        help="Numbers of Gaussians K to try under the run's fit, e.g. 10,50,100,150 (all: a "
+        "kernel on every token). For em and kernel each trial fits every K to its network.",
     ),
     noise: str | None = typer.Option(None, help="Token noise levels to try, e.g. 0,0.1,0.2."),
     lr: str | None = typer.Option(None, help="Learning rates to try, e.g. 1e-4,3e-4."),
@@ -75,17 +77,21 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     from vtadl.metrics import LABELS
 
     metric, rows = summary["metric"], summary["trials"]
-    table = Table(title=f"{len(rows)} trials; objective: {metric} on the tuning split")
+    trainings = len({r["trial_id"] for r in rows})
+    table = Table(
+        title=f"{trainings} trainings, {len(rows)} settings (mixture fit "
+        f"{summary.get('mixture_fit', '?')}); objective: {metric} on the tuning split"
+    )
     params = [k for k in rows[0] if k not in ("trial_id", metric) and k in _PARAM_LABELS]
     for column in ["trial", *(_PARAM_LABELS[p] for p in params), metric, "epochs", "state"]:
         table.add_column(column, justify="left" if column in ("trial", "state") else "right")
-    best = summary["best"]["trial_id"]
+    best = summary["best"]
     for r in rows:
         objective = "-" if r[metric] is None else f"{r[metric]:.4f}"
-        mark = " *" if r["trial_id"] == best else ""
+        chosen = all(r.get(k) == best.get(k) for k in ("trial_id", *params))
         table.add_row(
-            r["trial_id"] + mark,
-            *(f"{r[p]:g}" for p in params),
+            r["trial_id"] + (" *" if chosen else ""),
+            *(_shown(r[p]) for p in params),
             objective,
             str(r["epochs"]),
             r["state"],
@@ -95,9 +101,20 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     values = ", ".join(
         f"{label} {test[key]:.4f}" for key, label in LABELS.items() if test.get(key) is not None
     )
-    out.print(f"best trial (*) on the test split: {values}", highlight=False, soft_wrap=True)
+    out.print(f"best setting (*) on the test split: {values}", highlight=False, soft_wrap=True)
     out.print(f"best run: {summary['best_run']}", highlight=False)
     out.print(f"experiment: {summary['experiment']}  (tune_results.csv)", highlight=False)
+    if summary.get("best_config"):
+        out.print(
+            f"train it again, or on the queue: vtadl train --config {summary['best_config']}"
+            f"  |  vtadl submit --config {summary['best_config']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 _PARAM_LABELS = {"n_gaussians": "Gaussians", "noise_std": "noise", "lr": "lr"}
@@ -123,8 +140,11 @@ _tune.__doc__ = (
     "Search the number of Gaussians, the noise level and the learning rate with Ray Tune; "
     "evaluate the best run once on the test split.\n\n"
     "Trials are scored on the validation images with synthetic defects pasted in, never on the "
-    "test split. Without values the paper's ablation is searched (Gaussians 10,50,100,150 x "
-    "noise 0,0.1,0.2). The train options set the base config of every trial."
+    "test split. Without values the paper's two ablations are searched under the run's "
+    "mixture fit: Gaussians 10,50,100,150 (sgd, em) or 1024,4096,16384 (kernel) x noise "
+    "0,0.1,0.2. A trial trains one network; K fitted after training (em, kernel) is fitted "
+    "to each trial's network, not trained again. The train options set the base config of "
+    "every trial; the best setting is written as a config file for train and submit."
 )
 tune = handle_errors(_with_train_options(_tune))
 

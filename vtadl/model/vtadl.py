@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vtadl.config import ModelConfig, variant_config
+from vtadl.config import DEFAULT_GAUSSIANS, ModelConfig, variant_config
 from vtadl.model.decoder import ConvDecoder
 from vtadl.model.encoder import ViTEncoder
 from vtadl.model.mdn import Mixture, MixtureDensityHead
@@ -84,10 +84,18 @@ class VTADL(nn.Module):
         return VTADLOutput(tokens, reconstruction, self.mdn(tokens, grid))
 
 
-def build_model(config: ModelConfig) -> VTADL:
-    return VTADL(**config.__dict__)
+def build_model(config: ModelConfig, n_gaussians: int | None = None) -> VTADL:
+    """The model of `config`, its mixture head of `n_gaussians` components (default: the
+    config's count; "auto" and "all" are resolved by the caller, who knows the fit)."""
+    k = config.n_gaussians if n_gaussians is None else n_gaussians
+    if not isinstance(k, int):
+        raise ValueError(f"the head needs a number of Gaussians, got {k!r}")
+    return VTADL(**{**config.__dict__, "n_gaussians": k})
 
 
 def create_model(name: str, **overrides: Any) -> VTADL:
-    """The named variant (`vtadl_paper`, `vtadl_small`, `vtadl_tiny`) with field overrides."""
-    return build_model(variant_config(name, **overrides))
+    """The named variant (`vtadl_paper`, `vtadl_small`, `vtadl_tiny`) with field overrides;
+    its head has the variant's K for the trained mixture (sgd) unless n_gaussians is given."""
+    config = variant_config(name, **overrides)
+    k = config.n_gaussians
+    return build_model(config, DEFAULT_GAUSSIANS[name]["sgd"] if not isinstance(k, int) else k)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtadl.config import Config, kernel_scope, resolved_image_score
+from vtadl.config import Config, gaussians, kernel_scope, resolved_image_score
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,14 @@ class Calibration:
 
 def calibration_key(config: Config) -> dict:
     """The evaluation settings a calibration's threshold and standardisation depend on:
-    the eval section (the image score resolved), without the number of heat maps."""
+    the eval section (the image score resolved), without the number of heat maps, and the
+    mixture's fit and K (resolved)."""
     key = asdict(config.eval)
     key.pop("n_maps", None)
     key["image_score"] = resolved_image_score(config)
     key["kernel_scope"] = kernel_scope(config)
+    key["mixture_fit"] = config.train.mixture_fit
+    key["n_gaussians"] = gaussians(config)
     return key
 
 

@@ -1,19 +1,18 @@
-"""The mixture over the tokens fitted after training (`train.mixture_fit: em` or `kernel`).
+"""Fitting the mixture over the tokens after training (`train.mixture_fit: em` or `kernel`).
 
 With a global mixture (`model.mdn_condition: global`) the head's outputs do not depend on the
 image: they are K weights, means and variances shared by every token, and stochastic gradient
 descent on noisy tokens fits them poorly (measured on real photographs: benchmarks/RESULTS.md).
-Here the same parameters are fitted to convergence by EM (scikit-learn's GaussianMixture,
-diagonal covariances) on the clean tokens of the training images, once per checkpoint, and
-written into the head's parameters, so the NLL is computed as before. A fit is cached in
-the run folder next to the checkpoint it belongs to.
+Here K Gaussians (vtadl.scoring.mixtures) are fitted to the clean tokens of the training
+images once per checkpoint, and cached in the run folder beside it:
 
-`kernel` keeps every training token instead of summarising them in K components: a Gaussian
-on each (equal weights), all with one diagonal variance, `KERNEL_BANDWIDTH` times the
-tokens' spread per dimension: a kernel density estimate. Its NLL grows with the distance to
-the nearest training tokens, so a rare but normal patch that was seen in training scores
-low, as with a nearest neighbour, where K Gaussians would have to trade it for the common
-ones (measured on real photographs: benchmarks/RESULTS.md).
+- `em`: by expectation-maximisation to convergence (scikit-learn's GaussianMixture,
+  diagonal covariances).
+- `kernel`: K Gaussians of equal weight and one diagonal variance, `KERNEL_BANDWIDTH` times
+  the tokens' spread per dimension, centred on K training tokens chosen by a greedy k-center
+  coreset (`vtadl.scoring.coreset`): the tokens that cover the others best, rare normal
+  patches included, where EM's K would trade those for the common ones. "all" keeps every
+  token. The coreset's order is nested, so the fits of several K select once.
 
 Tokens are taken at the grid shifts the run is scored at (`eval.grid_shifts`): a shifted
 grid's tokens are then tokens the mixture has seen the like of.
@@ -27,23 +26,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.mixture import GaussianMixture
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from vtadl.data.prepare import to_float
 from vtadl.data.source import Source
 from vtadl.model import VTADL
+from vtadl.scoring.coreset import greedy_order, greedy_order_by_position
 from vtadl.scoring.grids import grid_offsets, shift_images
+from vtadl.scoring.mixtures import (
+    FittedMixture,
+    GaussianMixture,
+    KernelDensity,
+    PositionKernel,
+    load_mixture,
+)
 
 log = logging.getLogger(__name__)
 
 # Tokens for an EM fit: at most this many, drawn evenly from the training images; enough for
 # K in the hundreds at any token width, and a fit of a minute or less on a CPU.
 MAX_TOKENS = 50_000
-# Tokens a kernel mixture keeps: its density is only as good as its cover of the normal
-# tokens, so it keeps every one up to this many (a category of 300 images on 4 x 4 grids of
-# 8 x 8 tokens fits whole). Scoring time grows with it: a test token meets each of them.
-# Measured on real photographs: 50,000 of the 147,000 tokens lost .14 in the sum of the
-# three mean metrics (benchmarks/RESULTS.md).
+# Tokens a kernel mixture chooses its centres from (and keeps, for K "all"): its density is
+# only as good as its cover of the normal tokens, so every one up to this many (a category
+# of 300 images on 4 x 4 grids of 8 x 8 tokens fits whole). Measured on real photographs:
+# 50,000 drawn at random of the 147,000 tokens lost .14 in the sum of the three mean
+# metrics (benchmarks/RESULTS.md); a coreset chooses instead of drawing.
 MAX_KERNEL_TOKENS = 320_000
 # A kernel by position holds one Gaussian per training image at each position: at most
 # this many images (each test token meets only its own position's, so more are affordable).
@@ -53,7 +60,7 @@ MAX_POSITION_IMAGES = 2000
 REG_COVAR = 1e-4
 # The kernel's standard deviation per dimension, in units of the tokens' own spread there.
 KERNEL_BANDWIDTH = 0.3
-CACHE = "mixture_{checkpoint}{shifts}.npz"
+CACHE = "mixture_{checkpoint}{shifts}_{fit}{k}.npz"
 
 
 @torch.no_grad()
@@ -111,12 +118,10 @@ def _draw(rows: np.ndarray, most: int, seed: int) -> np.ndarray:
     return rows[np.sort(keep)]
 
 
-def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
-    """K diagonal Gaussians fitted to `tokens` by EM: log weights (K,), means and log
-    variances (K, D)."""
-    k = min(k, len(tokens))
-    gm = GaussianMixture(
-        n_components=k,
+def fit_em(tokens: np.ndarray, k: int, seed: int) -> GaussianMixture:
+    """K diagonal Gaussians fitted to `tokens` (n, D) by EM (at most one per token)."""
+    gm = SkGaussianMixture(
+        n_components=min(k, len(tokens)),
         covariance_type="diag",
         reg_covar=REG_COVAR,
         max_iter=200,
@@ -124,67 +129,42 @@ def fit_mixture(tokens: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
     ).fit(tokens)
     if not gm.converged_:
         log.warning("the mixture's EM fit did not converge in %d iterations", gm.max_iter)
-    return {
-        "log_pi": np.log(np.maximum(gm.weights_, 1e-30)).astype(np.float32),
-        "mu": gm.means_.astype(np.float32),
-        "log_var": np.log(gm.covariances_).astype(np.float32),
-    }
+    return GaussianMixture(
+        torch.from_numpy(np.log(np.maximum(gm.weights_, 1e-30)).astype(np.float32)),
+        torch.from_numpy(gm.means_.astype(np.float32)),
+        torch.from_numpy(np.log(gm.covariances_).astype(np.float32)),
+    )
 
 
-def kernel_mixture(tokens: np.ndarray, bandwidth: float = KERNEL_BANDWIDTH) -> dict:
-    """A Gaussian on every token, equal weights, one diagonal variance: (bandwidth x the
-    tokens' standard deviation)^2 per dimension, plus REG_COVAR.
-
-    Tokens (n, D) make one mixture of n Gaussians; tokens by position (images, P, D) make P
-    mixtures, one per position, each of the images' tokens there: log weights (P, images),
-    means and log variances (P, images, D), the variance still the spread over all tokens.
-    """
+def kernel_log_var(tokens: np.ndarray, bandwidth: float = KERNEL_BANDWIDTH) -> torch.Tensor:
+    """The kernel's one diagonal log variance: (bandwidth x the tokens' spread)^2 per
+    dimension, plus REG_COVAR; the spread is over every token, however many are centres."""
     flat = tokens.reshape(-1, tokens.shape[-1])
-    var = (bandwidth * flat.std(0)) ** 2 + REG_COVAR
-    mu = tokens if tokens.ndim == 2 else tokens.transpose(1, 0, 2)
-    n = mu.shape[-2]
-    return {
-        "log_pi": np.full(mu.shape[:-1], -np.log(n), np.float32),
-        "mu": np.ascontiguousarray(mu, np.float32),
-        # one row viewed for every component: `apply_mixture` keeps it one row
-        "log_var": np.broadcast_to(np.log(var).astype(np.float32), mu.shape),
-    }
+    return torch.from_numpy(np.log((bandwidth * flat.std(0)) ** 2 + REG_COVAR).astype(np.float32))
 
 
-def _tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """`a` on like's device and dtype. An array broadcast along its leading dimensions (a
-    kernel's one variance for all its components) stays one row, viewed for every
-    component, instead of K copies (650 MB at 320k tokens of 512 dimensions)."""
-    if a.ndim > 1 and not any(a.strides[:-1]):
-        row = torch.from_numpy(np.array(a[(0,) * (a.ndim - 1)]))
-        return row.to(like).expand(a.shape)
-    return torch.from_numpy(a).to(like)
+def fit_kernel(tokens: np.ndarray, k: int | str, order: np.ndarray | None = None) -> KernelDensity:
+    """A kernel of K centres on `tokens` (n, D): the first K of the coreset `order` (every
+    token for "all", or when K >= n)."""
+    centres = tokens if k == "all" or k >= len(tokens) else tokens[np.sort(order[:k])]
+    return KernelDensity(torch.from_numpy(np.ascontiguousarray(centres)), kernel_log_var(tokens))
 
 
-@torch.no_grad()
-def apply_mixture(model: VTADL, params: dict[str, np.ndarray]) -> None:
-    """Give the (global) head exactly `params`. Fewer fitted components than the head has
-    (more Gaussians than tokens) leave the rest without weight; more (a kernel mixture), or
-    one mixture per position, replace the head's parameters with those, for scoring."""
-    head = model.mdn
-    k = params["log_pi"].shape[-1]
-    # A head that holds a kernel's one-row variance (viewed, not writable in place) is
-    # replaced as well.
-    if k > head.n_gaussians or params["log_pi"].ndim == 2 or head.log_vars.stride(0) == 0:
-        for name, value in (("logits", "log_pi"), ("means", "mu"), ("log_vars", "log_var")):
-            old = getattr(head, name)
-            setattr(head, name, torch.nn.Parameter(_tensor(params[value], old)))
-        head.n_gaussians = k
-        return
-    head.logits.fill_(-1e4)
-    head.logits[:k] = torch.from_numpy(params["log_pi"]).to(head.logits)
-    head.means.zero_()
-    head.means[:k] = torch.from_numpy(params["mu"]).to(head.means)
-    head.log_vars.zero_()
-    head.log_vars[:k] = _tensor(params["log_var"], head.log_vars)
+def fit_position_kernel(
+    tokens: np.ndarray, k: int | str, grids: int, order: np.ndarray | None = None
+) -> PositionKernel:
+    """A kernel at each position of `tokens` (images, P, D), its K centres the first K of
+    that position's coreset `order` (P, >= K); every image's tokens are kept beside them."""
+    by_position = torch.from_numpy(np.ascontiguousarray(tokens.transpose(1, 0, 2)))
+    if k == "all" or k >= len(tokens):
+        centres = by_position
+    else:
+        keep = torch.from_numpy(np.sort(order[:, :k], axis=1))
+        centres = torch.gather(by_position, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+    return PositionKernel(centres.contiguous(), kernel_log_var(tokens), by_position, grids)
 
 
-def fitted_mixture(
+def fitted_mixtures(
     model: VTADL,
     run_dir: Path,
     checkpoint: str,
@@ -192,39 +172,79 @@ def fitted_mixture(
     source: Source,
     device: torch.device,
     seed: int,
-    how: str = "em",
+    how: str,
+    ks: list[int | str],
     shifts: int = 1,
     by_position: bool = False,
-) -> dict[str, np.ndarray]:
-    """The mixture of a run's checkpoint, fitted `how` ("em" or "kernel") to the training
-    tokens at `shifts` grid shifts (a kernel `by_position`: one mixture per position). An
-    EM fit comes from the cache when it was fitted for this checkpoint's epoch and size,
-    else it is fitted now (and cached); a kernel mixture is only the tokens, taken afresh
-    (seconds) rather than stored."""
-    if how == "kernel":
+) -> list[FittedMixture]:
+    """The mixtures of a run's checkpoint fitted `how` ("em" or "kernel") with each K of
+    `ks`, to the training tokens at `shifts` grid shifts (a kernel `by_position`: one per
+    position). A fit comes from the cache beside the checkpoint when it was made for this
+    epoch, else it is made now and cached (a kernel of every token, or by position, is taken
+    afresh instead: it is the tokens themselves, seconds to encode). The training tokens are
+    encoded once, and a kernel's coreset is selected once, at the largest K."""
+    paths = [_cache_path(run_dir, checkpoint, shifts, how, k, by_position) for k in ks]
+    found = [_cached(path, epoch) for path in paths]
+    if all(m is not None for m in found):
+        return [m.to(device) for m in found]
+    tic = time.perf_counter()
+    if how == "em":
+        tokens = training_tokens(model, source, device, seed, shifts)
+        made = [fit_em(tokens, k, seed) for k, m in zip(ks, found) if m is None]
+    else:
         tokens = training_tokens(
             model, source, device, seed, shifts, by_position=by_position, most=MAX_KERNEL_TOKENS
         )
-        return kernel_mixture(tokens)
-    suffix = f"_shifts{shifts}" if shifts > 1 else ""
-    path = run_dir / CACHE.format(checkpoint=Path(checkpoint).stem, shifts=suffix)
-    k = model.mdn.n_gaussians
-    try:
-        with np.load(path) as cached:
-            if int(cached["epoch"]) == epoch and int(cached["k"]) == k:
-                return {name: cached[name] for name in ("log_pi", "mu", "log_var")}
-    except (OSError, KeyError, ValueError):
-        pass
-    tic = time.perf_counter()
-    tokens = training_tokens(model, source, device, seed, shifts)
-    params = fit_mixture(tokens, k, seed)
+        made = _kernels(
+            tokens, [k for k, m in zip(ks, found) if m is None], seed, shifts**2, by_position
+        )
     log.info(
-        "fitted %d Gaussians to %d training tokens by EM in %.1f s",
-        len(params["log_pi"]),
-        len(tokens),
+        "fitted %s with %s Gaussians to the training tokens in %.1f s",
+        how,
+        "/".join(str(m.n_gaussians) for m in made),
         time.perf_counter() - tic,
     )
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, epoch=epoch, k=k, **params)
-    partial.replace(path)
-    return params
+    fresh = iter(made)
+    out = []
+    for path, m in zip(paths, found):
+        if m is None:
+            m = next(fresh)
+            if path is not None:
+                m.save(path, epoch=epoch)
+        out.append(m.to(device))
+    return out
+
+
+def _kernels(
+    tokens: np.ndarray, ks: list[int | str], seed: int, grids: int, by_position: bool
+) -> list[FittedMixture]:
+    """Kernels of each K in `ks` on the same tokens, from one coreset at the largest K."""
+    counts = [k for k in ks if k != "all"]
+    n = tokens.shape[0]
+    most = max(counts, default=0)
+    if by_position:
+        order = greedy_order_by_position(tokens, most, seed) if 0 < most < n else None
+        return [fit_position_kernel(tokens, k, grids, order) for k in ks]
+    order = greedy_order(tokens, most, seed) if 0 < most < n else None
+    return [fit_kernel(tokens, k, order) for k in ks]
+
+
+def _cache_path(
+    run_dir: Path, checkpoint: str, shifts: int, how: str, k: int | str, by_position: bool
+) -> Path | None:
+    """Where a fit is cached beside its checkpoint; None for fits that are the training
+    tokens themselves (a kernel of all of them, or by position)."""
+    if how == "kernel" and (k == "all" or by_position):
+        return None
+    suffix = f"_shifts{shifts}" if shifts > 1 else ""
+    return run_dir / CACHE.format(checkpoint=Path(checkpoint).stem, shifts=suffix, fit=how, k=k)
+
+
+def _cached(path: Path | None, epoch: int) -> FittedMixture | None:
+    if path is None:
+        return None
+    try:
+        mixture, meta = load_mixture(path)
+    except (OSError, KeyError, ValueError, StopIteration):
+        return None
+    return mixture if meta.get("epoch") == epoch else None

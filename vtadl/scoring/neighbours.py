@@ -1,15 +1,16 @@
 """The distance from a whole image's tokens to the nearest training image's.
 
-A kernel by position (`eval.kernel_scope: position`, vtadl.scoring.mixture_fit) scores each token
+A kernel by position (`eval.kernel_scope: position`, vtadl.scoring.mixtures) scores each token
 against the training tokens at its own place, so an image is normal when each of its places
 resembles some training image there, possibly a different one at each place. A digit of
 another class can pass that way (a 1 is an 8 with strokes missing, a 9 a 3 with its upper
 left closed: at most single places some thin 8 or curled 3 looks the same). Here the image's
 tokens at every position of every shifted grid are compared with each training image's at
 the same positions, all at once: the Euclidean distance between the two concatenated token
-sets, to the nearest training image. The training tokens are the kernel's own means, held by
-position, so nothing is encoded or stored twice. With tiles (`data.tile`), the kernel's
-training images are tiles, and so are the rows compared: each tile's nearest training tile.
+sets, to the nearest training image. The training tokens are those the kernel by position
+keeps beside its centres (every training image's, whatever its K), encoded once. With tiles
+(`data.tile`), the kernel's training images are tiles, and so are the rows compared: each
+tile's nearest training tile.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-
-from vtadl.model import VTADL
 
 # Training images whose distance is taken exactly (float64, on the CPU), the nearest by the
 # quick float32 products: those can misorder only images whose distances differ by less
@@ -61,15 +60,6 @@ class ImageNeighbours:
         for p, centre in zip(self.tokens, self.centre):
             norms += (p.double() - centre.double()).square().sum(1).cpu()
         self.norms = norms.float().to(means.device)  # |m_i - c|^2 over all positions
-
-    @classmethod
-    def of(cls, model: VTADL) -> ImageNeighbours | None:
-        """The model's kernel by position as neighbours, or None when its head holds another
-        kind of mixture."""
-        head = model.mdn
-        if head.condition != "global" or head.means.ndim != 3:
-            return None
-        return cls(head.means, model.grid_size**2)
 
     @torch.no_grad()
     def distance(self, grids: list[torch.Tensor]) -> torch.Tensor:

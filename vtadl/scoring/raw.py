@@ -16,7 +16,7 @@ from vtadl.devices import autocast
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.model import VTADL, Mixture
 from vtadl.scoring.grids import grid_offsets, shift_images
-from vtadl.scoring.kernel import Kernel
+from vtadl.scoring.mixtures import FittedMixture
 from vtadl.scoring.neighbours import ImageNeighbours
 
 
@@ -38,17 +38,21 @@ class Raw(NamedTuple):
 
 @torch.no_grad()
 def patch_nll(
-    model: VTADL, x: torch.Tensor, config: Config, grid: int = 0, kernel: Kernel | None = None
+    model: VTADL,
+    x: torch.Tensor,
+    config: Config,
+    grid: int = 0,
+    mixture: FittedMixture | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-patch NLL on the token grid (B, g, g), the squared reconstruction error averaged
     over channels (B, H, W), and the tokens (B, L, D). `grid`: the index of x's shifted
-    grid; `kernel`: the head's mixture prepared as a kernel (`prepared_kernel`), which
-    scores the same NLL."""
+    grid; `mixture`: the mixture fitted after training, else the model's trained head
+    scores the tokens."""
     with autocast(x.device, config.train.precision):
         out = model(x, grid=grid)
     g = model.grid_size
-    if kernel is not None:
-        nll = kernel.nll(out.tokens.float())
+    if mixture is not None:
+        nll = mixture.nll(out.tokens.float(), grid)
     else:
         mixture = Mixture(*(t.float() for t in out.mixture))
         nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
@@ -63,7 +67,7 @@ def raw_scores(
     config: Config,
     device: torch.device,
     batch_size: int = 8,
-    kernel: Kernel | None = None,
+    mixture: FittedMixture | None = None,
     neighbours: ImageNeighbours | None = None,
 ) -> Raw:
     """uint8 (N, H, W, 3) images at model size -> the mixture NLL of every patch (N, S, g, g)
@@ -83,7 +87,7 @@ def raw_scores(
         x = x.permute(0, 3, 1, 2)
         grids, tokens = [], []
         for k, (dy, dx) in enumerate(offsets):
-            n, r, t = patch_nll(model, shift_images(x, dy, dx), config, k, kernel)
+            n, r, t = patch_nll(model, shift_images(x, dy, dx), config, k, mixture)
             grids.append(n)
             if neighbours is not None:  # held for the batch only when they are compared
                 tokens.append(t)

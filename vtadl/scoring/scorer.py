@@ -1,6 +1,6 @@
 """A trained run, ready to score images: its best (or another) checkpoint loaded with any
-evaluation overrides, its mixture fitted after training if it is so made, and its
-calibration from the validation images."""
+evaluation overrides, its mixture fitted after training if it is so made (an object it
+holds beside the network), and its calibration from the validation images."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from vtadl.config import (
     FITTED_AFTER_TRAINING,
     Config,
     EvalConfig,
+    gaussians,
     kernel_scope,
     resolved_image_score,
 )
@@ -33,9 +34,9 @@ from vtadl.scoring.calibration import (
     read_calibration,
     store_calibration,
 )
-from vtadl.scoring.kernel import prepared_kernel
 from vtadl.scoring.maps import full_map, image_level, log_mse, log_near, peak, standardised
-from vtadl.scoring.mixture_fit import apply_mixture, fitted_mixture
+from vtadl.scoring.mixture_fit import fitted_mixtures
+from vtadl.scoring.mixtures import FittedMixture
 from vtadl.scoring.neighbours import ImageNeighbours
 from vtadl.scoring.raw import Raw, raw_scores
 
@@ -51,9 +52,12 @@ T = TypeVar("T")
 class Scorer:
     """A trained run, ready to turn images into full-resolution anomaly maps.
 
-    `eval_overrides` score it another way, `mixture_fit` refits its mixture (em or kernel,
-    for a run fitted either way); both are calibrated afresh without touching the run's
-    calibration.json, as is any checkpoint but the best.
+    `eval_overrides` score it another way; `mixture_fit` and `n_gaussians` refit its mixture
+    (em or kernel with any K, for a run fitted either way: the network stays as trained);
+    `mixture`, a mixture already fitted to this checkpoint for the run's config so changed
+    (a search fits several K at once). Any of them is calibrated afresh without touching the
+    run's calibration.json, as is any checkpoint but the best. `also`: further K to fit with
+    the scorer's own, from the same encoding of the training tokens (`fitted`, by K).
     """
 
     def __init__(
@@ -62,6 +66,9 @@ class Scorer:
         checkpoint: str = BEST,
         eval_overrides: dict | None = None,
         mixture_fit: str | None = None,
+        n_gaussians: int | str | None = None,
+        mixture: FittedMixture | None = None,
+        also: list[int | str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -72,18 +79,21 @@ class Scorer:
         overrides = {k: v for k, v in (eval_overrides or {}).items() if v is not None}
         if overrides:
             self.config = self.config.override(eval=overrides)
-        refitted = mixture_fit is not None and mixture_fit != self.config.train.mixture_fit
+        refitted = (mixture_fit, n_gaussians) != (None, None) or mixture is not None
         if refitted:
-            self.config = refit(self.config, mixture_fit)
+            self.config = refit(self.config, mixture_fit, n_gaussians)
         # "auto" settings, resolved once for every image this scorer sees
         self.image_score = resolved_image_score(self.config)
         self.kernel_scope = kernel_scope(self.config)
         self.device = pick_device(self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
-        if self.config.train.mixture_fit in FITTED_AFTER_TRAINING:
-            self._fit_mixture(checkpoint)
-        self.kernel = prepared_kernel(self.model, self.config)
+        self.mixture = mixture.to(self.device) if mixture is not None else None
+        self.fitted: dict[int | str, FittedMixture] = {}
+        if self.mixture is None and self.config.train.mixture_fit in FITTED_AFTER_TRAINING:
+            ks = list(dict.fromkeys([gaussians(self.config), *(also or [])]))
+            self.fitted = dict(zip(ks, self.fit_mixtures(checkpoint, ks)))
+            self.mixture = self.fitted[ks[0]]
         self.neighbours = self._neighbours()
         # The calibration of the run's own score and best checkpoint is kept; other scores,
         # mixtures and checkpoints are calibrated afresh, and so is a calibration made for
@@ -97,8 +107,9 @@ class Scorer:
             if own:
                 store_calibration(path, self.calibration)
 
-    def _fit_mixture(self, checkpoint: str) -> None:
-        params = fitted_mixture(
+    def fit_mixtures(self, checkpoint: str, ks: list[int | str]) -> list[FittedMixture]:
+        """This checkpoint's mixture fitted the run's way with each K of `ks`."""
+        return fitted_mixtures(
             self.model,
             self.run_dir,
             checkpoint,
@@ -107,15 +118,21 @@ class Scorer:
             self.device,
             self.config.train.seed,
             how=self.config.train.mixture_fit,
+            ks=ks,
             shifts=self.eval.grid_shifts,
             by_position=self.kernel_scope == "position",
         )
-        apply_mixture(self.model, params)
+
+    @property
+    def n_gaussians(self) -> int:
+        """K as used: the fitted mixture's components (per position for a kernel by
+        position), or the trained head's."""
+        return self.mixture.n_gaussians if self.mixture else self.model.mdn.n_gaussians
 
     def _neighbours(self) -> ImageNeighbours | None:
         if self.image_score != "peak+recon+neighbour":
             return None
-        neighbours = ImageNeighbours.of(self.model)
+        neighbours = self.mixture.neighbours() if self.mixture else None
         if neighbours is None:
             raise ConfigError(
                 "image_score peak+recon+neighbour needs a kernel by position, and this "
@@ -139,7 +156,7 @@ class Scorer:
             inputs,
             self.config,
             self.device,
-            kernel=self.kernel,
+            mixture=self.mixture,
             neighbours=self.neighbours,
         )
 
@@ -224,14 +241,18 @@ def _image_parts(base: Calibration, raws: list[Raw], e: EvalConfig, how: str) ->
     return base
 
 
-def refit(config: Config, how: str) -> Config:
-    """The run's config with its mixture fitted after training another way: possible
-    between the fits that leave the trained network alone (em, kernel), not for a mixture
-    that was trained with it (sgd)."""
+def refit(config: Config, how: str | None, k: int | str | None = None) -> Config:
+    """The run's config with its mixture fitted after training another way (`how`) or with
+    another K: possible between the fits that leave the trained network alone (em, kernel),
+    not for a mixture that was trained with it (sgd)."""
+    how = how or config.train.mixture_fit
     if config.train.mixture_fit not in FITTED_AFTER_TRAINING or how not in FITTED_AFTER_TRAINING:
         raise ConfigError(
             f"this run's mixture was fitted by {config.train.mixture_fit}; it can be refitted "
             f"after training as {' or '.join(FITTED_AFTER_TRAINING)} only when it was fitted "
             f"that way, got {how!r}"
         )
-    return config.override(train={"mixture_fit": how})
+    model = {"n_gaussians": k} if k is not None else {}
+    if how != config.train.mixture_fit and k is None:
+        model = {"n_gaussians": "auto"}  # the other fit's own default K
+    return config.override(train={"mixture_fit": how}, model=model)

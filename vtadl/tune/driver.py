@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vtadl.config import Config, absolute_paths, validate
+from vtadl.config import Config, absolute_paths, save_config, validate
 from vtadl.data.synthetic import KINDS
 from vtadl.exceptions import ConfigError, RunError, TrainingError
 from vtadl.ray_session import check_address, session
@@ -35,9 +35,11 @@ from vtadl.tune.settings import (
     settings_from_options,
 )
 from vtadl.tune.trial import (
+    fitted_after_training,
+    k_key,
     run_trial,
     scoring_epochs,
-    searchable,
+    settings_for,
     trial_config,
     trial_dirname,
     tuning_split,
@@ -46,6 +48,7 @@ from vtadl.tune.trial import (
 log = logging.getLogger(__name__)
 
 FINISHED = ("completed", "stopped early", "error")
+BEST_CONFIG = "best_config.yaml"  # the winner's config: vtadl train/submit --config take it
 
 
 def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +63,8 @@ def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[
     if isinstance(base_config, dict):
         base_config = Config.from_dict(base_config)
     # Trials run in their own working folders: every path is made absolute.
-    base = absolute_paths(searchable(validate(base_config), settings))
+    base = absolute_paths(validate(base_config))
+    settings = settings_for(base, settings)
     check_address(base.train.ray_address)
     d = base.data
     root = Path(base.train.out) / "tune" / d.dataset / d.category
@@ -83,19 +87,26 @@ def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[
         trainable = _trainable(base, settings, experiment)
         with _quiet_tune():
             _tuner(base, settings, experiment, trainable, resume).fit()
-        rows = trial_rows(experiment, settings, base.train.epochs)
+        rows = trial_rows(experiment, settings, base)
         write_results(experiment / RESULTS_FILE, rows)
-        if len(rows) < n_trials(settings) or any(r["state"] not in FINISHED for r in rows):
+        trained = {r["trial_id"]: r["state"] for r in rows}
+        fitted = fitted_after_training(base, settings)
+        if len(trained) < n_trials(settings, fitted) or any(
+            state not in FINISHED for state in trained.values()
+        ):
             raise KeyboardInterrupt  # Tune caught Ctrl-C and saved the experiment
         best = best_trial(rows, settings.metric)
-        run_dir, test_metrics = finish_best(base, settings, best)
+        run_dir, test_metrics, config_path = finish_best(base, settings, best, experiment)
     summary = {
         "experiment": str(experiment),
         "metric": settings.metric,
         "objective_split": f"validation images with synthetic defects ({', '.join(KINDS)})",
+        "mixture_fit": base.train.mixture_fit,
+        "fitted_after_training": list(fitted),
         "trials": rows,
         "best": best,
         "best_run": str(run_dir),
+        "best_config": str(config_path),
         "test_metrics": test_metrics,
     }
     (experiment / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -139,11 +150,13 @@ def _trainable(config: Config, settings: TuneSettings, experiment: Path):
     else:
         # The trial launches its TorchTrainer, waits, and scores between epochs.
         resources = {"cpu": 1}
+    fitted = fitted_after_training(config, settings)
     setup = {
         "config": config.to_dict(),
         "experiment": str(experiment),
         "metric": settings.metric,
         "score_at": scoring_epochs(t.epochs, settings),
+        "ks": settings.space["n_gaussians"] if fitted else None,
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
 
@@ -179,7 +192,7 @@ def _tuner(config: Config, settings: TuneSettings, experiment: Path, trainable, 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     return tune.Tuner(
         trainable,
-        param_space=search_space(settings),
+        param_space=search_space(settings, fitted_after_training(config, settings)),
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
@@ -218,10 +231,13 @@ def _quiet_tune():
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
-def trial_rows(experiment: Path, settings: TuneSettings, epochs: int) -> list[dict[str, Any]]:
-    """One row per trial: parameters, objective, epochs run, state."""
+def trial_rows(experiment: Path, settings: TuneSettings, base: Config) -> list[dict[str, Any]]:
+    """One row per trial and K fitted after training (one per trial when K is trained):
+    parameters, objective, epochs run, state."""
     from ray.tune import ExperimentAnalysis
 
+    fitted = fitted_after_training(base, settings)
+    ks = settings.space["n_gaussians"] if fitted else [None]
     rows = []
     for trial in ExperimentAnalysis(str(experiment)).trials:
         last = trial.last_result or {}
@@ -231,22 +247,30 @@ def trial_rows(experiment: Path, settings: TuneSettings, epochs: int) -> list[di
         elif trial.status != "TERMINATED":
             state = trial.status.lower()
         else:
-            state = "completed" if done >= epochs else "stopped early"
-        rows.append(
-            {
-                "trial_id": trial.trial_id,
-                **{name: trial.config.get(name) for name in settings.space},
-                settings.metric: last.get(OBJECTIVE),
-                "epochs": done,
-                "state": state,
-                "val_loss": last.get("val_loss"),
-                **{f"tuning_{k}": last.get(f"tuning_{k}") for k in OBJECTIVES},
-                # The trial's wall clock in its actor (Ray's time_total_s): set-up, epochs,
-                # scoring on the tuning split.
-                "seconds": last.get("time_total_s"),
-                "run_dir": str(experiment / "trials" / trial.trial_id),
+            state = "completed" if done >= base.train.epochs else "stopped early"
+        for k in ks:
+            scores = {
+                name: last.get(k_key(k, name) if k is not None else f"tuning_{name}")
+                for name in OBJECTIVES
             }
-        )
+            params = {name: trial.config.get(name) for name in settings.space}
+            rows.append(
+                {
+                    "trial_id": trial.trial_id,
+                    **params,
+                    **({"n_gaussians": k} if k is not None else {}),
+                    "mixture_fit": base.train.mixture_fit,
+                    settings.metric: scores[settings.metric],
+                    "epochs": done,
+                    "state": state,
+                    "val_loss": last.get("val_loss"),
+                    **{f"tuning_{name}": v for name, v in scores.items()},
+                    # The trial's wall clock in its actor (Ray's time_total_s): set-up,
+                    # epochs, fits and scoring on the tuning split, shared by its K.
+                    "seconds": last.get("time_total_s"),
+                    "run_dir": str(experiment / "trials" / trial.trial_id),
+                }
+            )
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
@@ -265,20 +289,28 @@ def best_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     return max(scored, key=lambda r: (r[metric], r["epochs"], -(r["val_loss"] or 0)))
 
 
-def finish_best(base: Config, settings: TuneSettings, best: dict[str, Any]) -> tuple[Path, dict]:
-    """Copy the best trial's run to a new run folder, train it to the end if ASHA stopped it,
-    and evaluate it once on the test split."""
+def finish_best(
+    base: Config, settings: TuneSettings, best: dict[str, Any], experiment: Path
+) -> tuple[Path, dict, Path]:
+    """Copy the best trial's run to a new run folder with the best K, train it to the end if
+    ASHA stopped it, evaluate it once on the test split, and write its config as a file
+    that `vtadl train --config` and `vtadl submit --config` take (BEST_CONFIG)."""
     from vtadl.evaluation import evaluate_run
-    from vtadl.runs import train_and_evaluate
+    from vtadl.runs import set_gaussians, train_and_evaluate
 
     config = trial_config(base, {k: best[k] for k in settings.space})
+    config_path = experiment / BEST_CONFIG
+    save_config(config, config_path)
     run_dir = new_run_dir(config)
     # Ray Train's own storage (ddp, deepspeed) names absolute paths of the trial: not copied.
     shutil.copytree(best["run_dir"], run_dir, ignore=shutil.ignore_patterns("ray", "workers"))
+    if fitted_after_training(base, settings):
+        set_gaussians(run_dir, best["n_gaussians"])
     if best["epochs"] >= config.train.epochs:
-        return run_dir, evaluate_run(run_dir)
+        return run_dir, evaluate_run(run_dir), config_path
     log.info("the best trial stopped after %d epochs; training it to the end", best["epochs"])
-    return train_and_evaluate(config, run_dir=run_dir)
+    run_dir, result = train_and_evaluate(config, run_dir=run_dir)
+    return run_dir, result, config_path
 
 
 def latest_experiment(root: Path, name: str = "") -> Path:

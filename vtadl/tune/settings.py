@@ -18,8 +18,12 @@ PARAMS: dict[str, tuple[str, type]] = {
     "noise_std": ("model", float),
     "lr": ("train", float),
 }
-# The paper's ablation, searched when no values are given.
-DEFAULT_SPACE = {"n_gaussians": [10, 50, 100, 150], "noise_std": [0.0, 0.1, 0.2]}
+# Searched when no values are given: the paper's two ablations, the number of Gaussians and
+# the noise, K under the run's own fit: the paper's values for a trained mixture (sgd) and
+# EM, coreset sizes around the default for a kernel (docs/tuning.md).
+NOISE_LEVELS = [0.0, 0.1, 0.2]
+DEFAULT_GAUSSIAN_COUNTS = {"sgd": [10, 50, 100, 150], "em": [10, 50, 100, 150]}
+DEFAULT_GAUSSIAN_COUNTS["kernel"] = [1024, 4096, 16384]
 # What a trial reports to Tune: the objective, and the epoch as ASHA's time attribute.
 OBJECTIVE, EPOCH = "objective", "epoch"
 SPLIT_FILE, SETTINGS_FILE = "tuning_split.npz", "tune_settings.json"
@@ -31,7 +35,7 @@ _KINDS = {"int": "a whole number", "str": "a string"}
 class TuneSettings:
     """What a search does, apart from the run's config; JSON-serialisable."""
 
-    space: dict[str, list] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    space: dict[str, list] = field(default_factory=dict)  # empty: `default_space`
     search: str = "grid"
     num_samples: int = 1
     scheduler: str = "asha"
@@ -52,6 +56,9 @@ def parse_values(text: str | list, name: str) -> list:
         raise ConfigError(f"empty value in the {name} search values {text!r}")
     values = []
     for item in items:
+        if name == "n_gaussians" and isinstance(item, str) and item.lower() == "all":
+            values.append("all")  # a kernel on every training token
+            continue
         try:
             number = float(item)
         except (TypeError, ValueError):
@@ -60,8 +67,9 @@ def parse_values(text: str | list, name: str) -> list:
             raise ConfigError(f"{name} search value {item!r} is not a whole number")
         values.append(kind(number))
     low = {"n_gaussians": 1, "noise_std": 0.0}.get(name)
-    if low is not None and min(values) < low:
-        raise ConfigError(f"{name} search values must be at least {low}, got {min(values)}")
+    numbers = [v for v in values if v != "all"]
+    if low is not None and numbers and min(numbers) < low:
+        raise ConfigError(f"{name} search values must be at least {low}, got {min(numbers)}")
     if name == "lr" and min(values) <= 0:
         raise ConfigError(f"learning rates must be positive, got {min(values)}")
     return list(dict.fromkeys(values))
@@ -85,7 +93,7 @@ def settings_from_options(options: dict[str, Any]) -> TuneSettings:
             kind == "str" and not isinstance(value, str)
         ):
             raise ConfigError(f"tune option {name} must be {_KINDS[kind]}, got {value!r}")
-    s = TuneSettings(space=space or dict(DEFAULT_SPACE), **o)
+    s = TuneSettings(space=space, **o)
     for value, allowed, what in (
         (s.search, SEARCHES, "search"),
         (s.scheduler, SCHEDULERS, "scheduler"),
@@ -110,20 +118,27 @@ def settings_from_options(options: dict[str, Any]) -> TuneSettings:
     return s
 
 
+def default_space(fit: str) -> dict[str, list]:
+    """What a search covers when no values are given: K under the fit `fit`, and the noise."""
+    return {"n_gaussians": list(DEFAULT_GAUSSIAN_COUNTS[fit]), "noise_std": list(NOISE_LEVELS)}
+
+
 def grace_period(settings: TuneSettings, epochs: int) -> int:
     return min(settings.grace_period or max(1, epochs // 8), epochs)
 
 
-def search_space(settings: TuneSettings) -> dict[str, Any]:
+def search_space(settings: TuneSettings, fitted: tuple[str, ...] = ()) -> dict[str, Any]:
     """The Tune parameter space: a grid, or a choice per parameter for random and Optuna
-    (Optuna rejects grid_search)."""
+    (Optuna rejects grid_search). Parameters in `fitted` are left out: each trial fits every
+    value of them after training (`fitted_after_training`)."""
     from ray import tune
 
     pick = tune.grid_search if settings.search == "grid" else tune.choice
-    return {name: pick(values) for name, values in settings.space.items()}
+    return {name: pick(v) for name, v in settings.space.items() if name not in fitted}
 
 
-def n_trials(settings: TuneSettings) -> int:
-    """How many trials the search runs."""
-    grid = math.prod(map(len, settings.space.values())) if settings.search == "grid" else 1
+def n_trials(settings: TuneSettings, fitted: tuple[str, ...] = ()) -> int:
+    """How many trials (trainings) the search runs."""
+    trained = [len(v) for name, v in settings.space.items() if name not in fitted]
+    grid = math.prod(trained) if settings.search == "grid" else 1
     return grid * settings.num_samples

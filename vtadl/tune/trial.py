@@ -3,6 +3,12 @@
 A trial is a training run of the base config with the trial's parameters (`run_trial`, Tune's
 function trainable). It scores its best checkpoint on the tuning split at the epochs where the
 scheduler decides (`scoring_epochs`) and reports the objective to Tune (`_Reporter`).
+
+A trial trains one distinct network. When the number of Gaussians does not change training
+(a mixture fitted after training, em or kernel, with mdn_detach: `fitted_after_training`),
+the values of K searched are not trials of their own, which would train the same network
+once per K: each trial fits every K to its checkpoint and scores each, and reports the best
+to the scheduler; the results have a row per K (`vtadl.tune.driver.trial_rows`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +26,17 @@ from vtadl import metrics
 from vtadl.checkpoints import BEST
 from vtadl.config import Config, load_stored_config
 from vtadl.data.synthetic import TuningSplit, make_tuning_split
-from vtadl.training import Callbacks
-from vtadl.tune.settings import EPOCH, OBJECTIVE, PARAMS, SPLIT_FILE, TuneSettings, grace_period
+from vtadl.training import Callbacks, trains_without_mixture
+from vtadl.tune.settings import (
+    EPOCH,
+    OBJECTIVE,
+    OBJECTIVES,
+    PARAMS,
+    SPLIT_FILE,
+    TuneSettings,
+    default_space,
+    grace_period,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +52,30 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return base.override(**sections)
 
 
-def searchable(config: Config, settings: TuneSettings) -> Config:
-    """The base config of the trials. A search over the number of Gaussians (the paper's
-    ablation, the default space) needs a mixture of that many: the kernel mixture has one
-    per training token, so such trials fit theirs by EM."""
-    if "n_gaussians" in settings.space and config.train.mixture_fit == "kernel":
-        log.info("searching the number of Gaussians: the trials fit their mixtures by EM")
-        return config.override(train={"mixture_fit": "em"})
-    return config
+def settings_for(config: Config, settings: TuneSettings) -> TuneSettings:
+    """The settings with the default space where none is given (K under the config's own
+    fit, and the noise), every searched value checked against the config (K "all" is for a
+    kernel, ...): a ConfigError names the first that does not fit."""
+    if not settings.space:
+        settings = replace(settings, space=default_space(config.train.mixture_fit))
+    for name, values in settings.space.items():
+        for value in values:
+            trial_config(config, {name: value})
+    return settings
+
+
+def fitted_after_training(config: Config, settings: TuneSettings) -> tuple[str, ...]:
+    """The searched parameters that do not change training, fitted by each trial to its own
+    checkpoint instead of training a trial each: K, for a mixture fitted after training
+    (em, kernel) that the encoder does not learn from (mdn_detach)."""
+    if "n_gaussians" in settings.space and trains_without_mixture(config):
+        return ("n_gaussians",)
+    return ()
+
+
+def k_key(k: int | str, name: str) -> str:
+    """The key of one K's score in a trial's report to Tune, e.g. k150_au_pro, kall_au_pro."""
+    return f"k{k}_{name}"
 
 
 def tuning_split(config: Config, per_kind: int) -> TuningSplit:
@@ -56,18 +88,38 @@ def tuning_split(config: Config, per_kind: int) -> TuningSplit:
     return make_tuning_split(inputs, per_kind=per_kind, seed=config.train.seed)
 
 
-def tuning_scores(run_dir: str | Path, split: TuningSplit, checkpoint: str = BEST) -> dict:
-    """Image AUROC, pixel AUROC and AU-PRO of a run's checkpoint on the tuning split.
+def tuning_scores(
+    run_dir: str | Path,
+    split: TuningSplit,
+    ks: list[int | str] | None = None,
+    checkpoint: str = BEST,
+) -> list[dict]:
+    """Image AUROC, pixel AUROC and AU-PRO of a run's checkpoint on the tuning split: one
+    dict for the run as it is, or one for each K of `ks`, its mixture refitted with that K
+    (the training tokens encoded once for all of them).
 
     The run's own score and calibration (from its validation images) are used, as in
-    `evaluate_run`; nothing is written to the run folder.
+    `evaluate_run`; nothing is written to the run folder but the mixtures' caches.
     """
     from vtadl.scoring.scorer import Scorer
 
     # An explicit override makes the Scorer calibrate afresh without writing calibration.json
     # (which belongs to the run's final evaluation).
     config = load_stored_config(Path(run_dir) / "config.yaml")
-    scorer = Scorer(run_dir, checkpoint=checkpoint, eval_overrides={"score": config.eval.score})
+    keep = {"score": config.eval.score}
+    if not ks:
+        return [_split_scores(Scorer(run_dir, checkpoint, eval_overrides=keep), split)]
+    first = Scorer(run_dir, checkpoint, eval_overrides=keep, n_gaussians=ks[0], also=ks[1:])
+    scorers = (
+        first
+        if i == 0
+        else Scorer(run_dir, checkpoint, keep, n_gaussians=k, mixture=first.fitted[k])
+        for i, k in enumerate(ks)
+    )
+    return [_split_scores(scorer, split) for scorer in scorers]
+
+
+def _split_scores(scorer, split: TuningSplit) -> dict:
     raws = scorer.raw(split.images).split(range(1, len(split.images)))
     shape = split.images.shape[1:3]
     maps, scores = zip(*(scorer.scored(raw, None, shape) for raw in raws))
@@ -90,7 +142,8 @@ def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
 class _Reporter(Callbacks):
     """Scores the best checkpoint on the tuning split at the scoring epochs (if it changed)
     and reports to Tune then, and in between at most every `every` seconds, with the
-    objective of the last scoring.
+    objective of the last scoring. With `ks`, every K is scored, each K's scores are
+    reported under `k_key`, and the objective is the best K's.
 
     A report holds the trial until Tune's controller, in the driver process, has taken it in
     (a function trainable reports synchronously, so that a scheduler can stop the trial
@@ -105,11 +158,12 @@ class _Reporter(Callbacks):
         split: TuningSplit,
         metric: str,
         score_at: list[int],
+        ks: list[int | str] | None = None,
         every: float = REPORT_EVERY_S,
     ):
-        self.run_dir, self.split, self.metric = run_dir, split, metric
+        self.run_dir, self.split, self.metric, self.ks = run_dir, split, metric, ks
         self.score_at, self.every = set(score_at), every
-        self.scores: dict | None = None
+        self.result: dict | None = None
         self.stale = True
         self.reported_at = -math.inf
 
@@ -118,24 +172,29 @@ class _Reporter(Callbacks):
 
         self.stale = self.stale or bool(record.get("best"))
         due = record["epoch"] in self.score_at
-        if self.scores is None or (self.stale and due):
-            self.scores = tuning_scores(self.run_dir, self.split)
+        if self.result is None or (self.stale and due):
+            self.result = self._scored()
             self.stale = False
         elif not due and time.monotonic() - self.reported_at < self.every:
             return
-        tune.report(
-            {
-                OBJECTIVE: self.scores[self.metric],
-                EPOCH: record["epoch"],
-                "val_loss": record["val_loss"],
-                **{f"tuning_{k}": v for k, v in self.scores.items()},
-            }
-        )
+        tune.report({EPOCH: record["epoch"], "val_loss": record["val_loss"], **self.result})
         self.reported_at = time.monotonic()
+
+    def _scored(self) -> dict[str, Any]:
+        """The objective and the tuning scores to report (each K's, with `ks`)."""
+        found = tuning_scores(self.run_dir, self.split, self.ks)
+        if not self.ks:
+            return {
+                OBJECTIVE: found[0][self.metric],
+                **{f"tuning_{k}": v for k, v in found[0].items()},
+            }
+        by_k = {k_key(k, name): s[name] for k, s in zip(self.ks, found) for name in OBJECTIVES}
+        return {OBJECTIVE: max(s[self.metric] for s in found), **by_k}
 
 
 def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: a training run of the base config with `params`, reporting per epoch.
+    """One Tune trial: a training run of the base config with `params`, reporting per epoch
+    (and fitting each of `setup["ks"]`, when K is fitted after training).
 
     The run folder is named by the trial id, so a restarted trial continues its run.
     """
@@ -146,7 +205,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     config = trial_config(Config.from_dict(setup["config"]), params)
     run_dir = Path(setup["experiment"]) / "trials" / tune.get_context().get_trial_id()
     split = TuningSplit.load(Path(setup["experiment"]) / SPLIT_FILE)
-    reporter = _Reporter(run_dir, split, setup["metric"], setup["score_at"])
+    reporter = _Reporter(run_dir, split, setup["metric"], setup["score_at"], setup.get("ks"))
     fit(config, run_dir=run_dir, callbacks=reporter)
 
 
