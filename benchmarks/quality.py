@@ -40,11 +40,12 @@ import torch.nn.functional as F
 import yaml
 
 from vtadl import metrics
-from vtadl.config import default_config
+from vtadl.config import layered_config
 from vtadl.data.bench import colour_bins
 from vtadl.data.demo import DEMO_CATEGORIES, make_demo_dataset
 from vtadl.data.source import category_source
 from vtadl.evaluation import evaluate_run
+from vtadl.presets import preset_layer
 from vtadl.scoring.maps import image_score, to_original
 from vtadl.training import fit
 
@@ -134,6 +135,8 @@ SCORE_VARIANTS = {
     "log_top1": {"image_score": "top1pct"},
     "log_sigma2": {"smoothing_sigma": 2.0},
     "nll+recon": {"score": "nll+recon"},
+    # vtadl's map and peak on a run of another method (--preset paper): what they buy there.
+    "vtadl_map": {"scale": "log", "grid_shifts": 4, "peak_patches": 10},
 }
 
 
@@ -167,9 +170,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--score-variants",
-        action="store_true",
-        help=f"also evaluate the checkpoint as {', '.join(SCORE_VARIANTS)}",
+        nargs="*",
+        default=None,
+        help=f"also evaluate the checkpoint as these of {', '.join(SCORE_VARIANTS)} (none: all)",
     )
+    ap.add_argument("--preset", default="", help="a preset (paper) over the variant")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="vtadl-quality-"))
@@ -181,7 +186,7 @@ def main() -> None:
         sets = _parse_sets(args.set)
         sets.setdefault("data", {}).update(dataset=args.dataset, root=str(root), category=category)
         sets.setdefault("train", {}).setdefault("out", args.out or str(tmp / "runs"))
-        config = default_config(args.variant).override(**sets)
+        config = layered_config(args.variant, preset_layer(args.preset), sets)
         tic = time.perf_counter()
         run_dir = fit(config)
         train_seconds = time.perf_counter() - tic
@@ -200,7 +205,8 @@ def main() -> None:
                     mixture_fit=overrides.get("mixture_fit"),
                 )
             )
-            for name, overrides in (SCORE_VARIANTS.items() if args.score_variants else ())
+            for name, overrides in SCORE_VARIANTS.items()
+            if args.score_variants is not None and name in (args.score_variants or SCORE_VARIANTS)
         }
         by_k = {}
         for k in [k for k in args.gaussians.split(",") if k]:

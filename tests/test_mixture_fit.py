@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.mixture import GaussianMixture as GaussianMixture_
 
 import vtadl.losses
@@ -485,3 +486,36 @@ def test_kernel_scope_is_checked() -> None:
         config.override(eval={"kernel_scope": "pixel"})
     with pytest.raises(ConfigError, match="kernel_scope position needs mixture_fit kernel"):
         config.override(eval={"kernel_scope": "position"}, train={"mixture_fit": "em"})
+
+
+def test_a_kernel_run_of_an_earlier_version_resumes(demo_root: Path, tmp_path: Path) -> None:
+    # Before K counted in the kernel, the unused head had the variant's K components and the
+    # stored config no preset; such a run resumes (its kernel read as all) and scores.
+    config = default_config("vtadl_tiny").override(
+        data={"root": str(demo_root), "category": "brick"},
+        train={"epochs": 1, "batch_size": 4, "out": str(tmp_path)},
+        eval={"grid_shifts": 1},
+    )
+    run = fit(config)
+    for name in ("last.pt", "best.pt"):
+        path = run / "checkpoints" / name
+        state = load_checkpoint(path)
+        old = {k: v for k, v in state["config"].items() if k != "preset"}
+        old["model"] = {**old["model"], "n_gaussians": 4}
+        weights = dict(state["model"])
+        weights["mdn.logits"], weights["mdn.means"] = torch.zeros(4), torch.randn(4, 32)
+        weights["mdn.log_vars"] = torch.zeros(4, 32)
+        save_checkpoint(path, **{**state, "config": old, "model": weights})
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    from vtadl.runs import train_config
+
+    stored, run_dir = train_config(
+        overrides={"data": {"category": "brick"}, "train": {"out": str(tmp_path), "epochs": 2}},
+        resume=True,
+    )
+    assert run_dir == run and stored.model.n_gaussians == "all"
+    resumed = fit(stored, run_dir=run)
+    assert len((resumed / "history.jsonl").read_text().splitlines()) == 2
+    scorer = Scorer(resumed)
+    assert scorer.config.model.n_gaussians == "all"
+    assert isinstance(scorer.mixture, KernelDensity)

@@ -111,7 +111,7 @@ def _interrupted_search(root: Path, out: Path, log: Path) -> Path:
     script = PHASE_ONE.format(tests=TESTS, log=str(log), root=str(root), out=str(out), options=GRID)
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     trials = out / "tune" / "mvtec" / "brick" / "grid" / "trials"
-    deadline = time.monotonic() + 300  # generous: the machine may be shared
+    deadline = time.monotonic() + 600  # generous: the machine may be shared
     while len(list(trials.glob("*/checkpoints"))) < 2:
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the first trial did not finish in time"
@@ -284,7 +284,7 @@ def test_k_is_searched_under_the_run_s_own_fit_and_trained_only_when_it_shapes_t
     config = default_config("vtadl_tiny")
     assert config.train.mixture_fit == "kernel"
     # No values: K under the run's fit (coreset sizes for a kernel), and the noise.
-    assert default_space("kernel")["n_gaussians"] == [1024, 4096, 16384]
+    assert default_space("kernel")["n_gaussians"] == [4096, 16384, "all"]
     assert default_space("em")["n_gaussians"] == [10, 50, 100, 150]  # the paper's ablation
     assert default_space("sgd")["noise_std"] == [0.0, 0.1, 0.2]
     settings = TuneSettings(space={"n_gaussians": [2, 8, "all"], "noise_std": [0.0, 0.2]})

@@ -168,8 +168,21 @@ class Engine:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
+        self.module.load_state_dict(own_frozen_head(self.module, state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def own_frozen_head(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    """`weights` with the model's own mixture head where that head is frozen and the stored
+    one has another size: a run of an earlier version, whose unused head had K components,
+    resumes with today's one-component placeholder (`head_gaussians`)."""
+    head = getattr(model, "mdn", None)
+    if head is None or any(p.requires_grad for p in head.parameters()):
+        return weights
+    own = {f"mdn.{k}": v for k, v in head.state_dict().items()}
+    if all(k in weights and weights[k].shape == v.shape for k, v in own.items()):
+        return weights
+    return {**{k: v for k, v in weights.items() if not k.startswith("mdn.")}, **own}
 
 
 class Workers:
