@@ -284,7 +284,7 @@ def test_k_is_searched_under_the_run_s_own_fit_and_trained_only_when_it_shapes_t
     config = default_config("vtadl_tiny")
     assert config.train.mixture_fit == "kernel"
     # No values: K under the run's fit (coreset sizes for a kernel), and the noise.
-    assert default_space("kernel")["n_gaussians"] == [4096, 16384, "all"]
+    assert default_space("kernel")["n_gaussians"] == [16384, 32768, "all"]
     assert default_space("em")["n_gaussians"] == [10, 50, 100, 150]  # the paper's ablation
     assert default_space("sgd")["noise_std"] == [0.0, 0.1, 0.2]
     settings = TuneSettings(space={"n_gaussians": [2, 8, "all"], "noise_std": [0.0, 0.2]})

@@ -141,7 +141,7 @@ _tune.__doc__ = (
     "evaluate the best run once on the test split.\n\n"
     "Trials are scored on the validation images with synthetic defects pasted in, never on the "
     "test split. Without values the paper's two ablations are searched under the run's "
-    "mixture fit: Gaussians 10,50,100,150 (sgd, em) or 4096,16384,all (kernel) x noise "
+    "mixture fit: Gaussians 10,50,100,150 (sgd, em) or 16384,32768,all (kernel) x noise "
     "0,0.1,0.2. A trial trains one network; K fitted after training (em, kernel) is fitted "
     "to each trial's network, not trained again. The train options set the base config of "
     "every trial; the best setting is written as a config file for train and submit."

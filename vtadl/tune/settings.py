@@ -23,7 +23,7 @@ PARAMS: dict[str, tuple[str, type]] = {
 # EM, coreset sizes around the default for a kernel (docs/tuning.md).
 NOISE_LEVELS = [0.0, 0.1, 0.2]
 DEFAULT_GAUSSIAN_COUNTS = {"sgd": [10, 50, 100, 150], "em": [10, 50, 100, 150]}
-DEFAULT_GAUSSIAN_COUNTS["kernel"] = [4096, 16384, "all"]
+DEFAULT_GAUSSIAN_COUNTS["kernel"] = [16384, 32768, "all"]
 # What a trial reports to Tune: the objective, and the epoch as ASHA's time attribute.
 OBJECTIVE, EPOCH = "objective", "epoch"
 SPLIT_FILE, SETTINGS_FILE = "tuning_split.npz", "tune_settings.json"
