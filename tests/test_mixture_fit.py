@@ -519,3 +519,29 @@ def test_a_kernel_run_of_an_earlier_version_resumes(demo_root: Path, tmp_path: P
     scorer = Scorer(resumed)
     assert scorer.config.model.n_gaussians == "all"
     assert isinstance(scorer.mixture, KernelDensity)
+
+
+def test_a_search_scores_every_k_from_one_encoding_as_each_k_alone(
+    em_run: Path, monkeypatch
+) -> None:
+    from vtadl.scoring import raw
+    from vtadl.tune.trial import _split_scores, tuning_scores, tuning_split
+
+    config = Scorer(em_run).config
+    split = tuning_split(config, per_kind=1)
+    keep = {"score": config.eval.score}
+    alone = []
+    for k in (2, 5):  # each K its own scorer, calibration and forward passes
+        scorer = Scorer(em_run, eval_overrides=keep, n_gaussians=k)
+        raws = [scorer.raw(image[None]) for image in split.images]
+        alone.append(_split_scores(scorer, raws, split))
+    passes = []
+    real = raw.patch_nll_each
+    monkeypatch.setattr(raw, "patch_nll_each", lambda *a: passes.append(1) or real(*a))
+    for shared, own in zip(tuning_scores(em_run, split, ks=[2, 5]), alone, strict=True):
+        assert shared == pytest.approx(own, abs=1e-9)
+    assert alone[0] != alone[1]  # each K scored with its own mixture
+    once = len(passes)
+    passes.clear()
+    tuning_scores(em_run, split, ks=[2])
+    assert once == len(passes)  # two K cost the forward passes of one

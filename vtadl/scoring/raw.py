@@ -48,16 +48,33 @@ def patch_nll(
     over channels (B, H, W), and the tokens (B, L, D). `grid`: the index of x's shifted
     grid; `mixture`: the mixture fitted after training, else the model's trained head
     scores the tokens."""
+    (nll,), rec, tokens = patch_nll_each(model, x, config, grid, [mixture])
+    return nll, rec, tokens
+
+
+@torch.no_grad()
+def patch_nll_each(
+    model: VTADL,
+    x: torch.Tensor,
+    config: Config,
+    grid: int,
+    mixtures: Sequence[FittedMixture | None],
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`patch_nll` under each of `mixtures` from one forward pass: the NLL grid of each,
+    the reconstruction error and the tokens."""
     with autocast(x.device, config.train.precision):
         out = model(x, grid=grid)
-    g = model.grid_size
-    if mixture is not None:
-        nll = mixture.nll(out.tokens.float(), grid)
-    else:
-        mixture = Mixture(*(t.float() for t in out.mixture))
-        nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](out.tokens.float(), mixture)
+    g, tokens = model.grid_size, out.tokens.float()
+    nlls = []
+    for mixture in mixtures:
+        if mixture is not None:
+            nll = mixture.nll(tokens, grid)
+        else:
+            head = Mixture(*(t.float() for t in out.mixture))
+            nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](tokens, head)
+        nlls.append(nll.view(-1, g, g))
     rec = (out.reconstruction.float() - x).square().mean(1)
-    return nll.view(-1, g, g), rec, out.tokens
+    return nlls, rec, out.tokens
 
 
 @torch.no_grad()
@@ -79,21 +96,43 @@ def raw_scores(
     padding at the border; offsets from `grid_offsets`), which samples the NLL on a finer
     grid at S forward passes. `nll_map` puts the grids back together.
     """
+    return raw_scores_each(model, images, config, device, [(mixture, neighbours)], batch_size)[0]
+
+
+@torch.no_grad()
+def raw_scores_each(
+    model: VTADL,
+    images: np.ndarray,
+    config: Config,
+    device: torch.device,
+    scorings: Sequence[tuple[FittedMixture | None, ImageNeighbours | None]],
+    batch_size: int = 8,
+) -> list[Raw]:
+    """`raw_scores` of the same images under each (mixture, neighbours) of `scorings`, from
+    one forward pass per batch and grid: several mixtures fitted to one checkpoint (a search
+    over K) cost the encoding once."""
     model.eval()
     offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
-    nll, rec, near = [], [], []
+    mixtures = [mixture for mixture, _ in scorings]
+    compared = any(neighbours is not None for _, neighbours in scorings)
+    nll, rec, near = [[] for _ in scorings], [], [[] for _ in scorings]
     for start in range(0, len(images), batch_size):
         x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
         x = x.permute(0, 3, 1, 2)
-        grids, tokens = [], []
+        grids, tokens = [[] for _ in scorings], []
         for k, (dy, dx) in enumerate(offsets):
-            n, r, t = patch_nll(model, shift_images(x, dy, dx), config, k, mixture)
-            grids.append(n)
-            if neighbours is not None:  # held for the batch only when they are compared
+            ns, r, t = patch_nll_each(model, shift_images(x, dy, dx), config, k, mixtures)
+            for each, n in zip(grids, ns):
+                each.append(n)
+            if compared:  # held for the batch only when they are compared
                 tokens.append(t)
             if not (dy or dx):
                 rec.append(r.cpu().numpy())
-        nll.append(torch.stack(grids, 1).cpu().numpy())
-        if neighbours is not None:
-            near.append(neighbours.distance(tokens).cpu().numpy())
-    return Raw(np.concatenate(nll), np.concatenate(rec), np.concatenate(near) if near else None)
+        for j, (_, neighbours) in enumerate(scorings):
+            nll[j].append(torch.stack(grids[j], 1).cpu().numpy())
+            if neighbours is not None:
+                near[j].append(neighbours.distance(tokens).cpu().numpy())
+    rec = np.concatenate(rec)
+    return [
+        Raw(np.concatenate(n), rec, np.concatenate(d) if d else None) for n, d in zip(nll, near)
+    ]

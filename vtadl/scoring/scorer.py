@@ -38,7 +38,7 @@ from vtadl.scoring.maps import full_map, image_level, log_mse, log_near, peak, s
 from vtadl.scoring.mixture_fit import fitted_mixtures
 from vtadl.scoring.mixtures import FittedMixture
 from vtadl.scoring.neighbours import ImageNeighbours
-from vtadl.scoring.raw import Raw, raw_scores
+from vtadl.scoring.raw import Raw, raw_scores, raw_scores_each
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class Scorer:
     (a search fits several K at once). Any of them is calibrated afresh without touching the
     run's calibration.json, as is any checkpoint but the best. `also`: further K to fit with
     the scorer's own, from the same encoding of the training tokens (`fitted`, by K).
+    `calibrated=False` leaves `calibration` None, for the caller to set (`scorers_for_ks`
+    calibrates several from one encoding of the validation images).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Scorer:
         n_gaussians: int | str | None = None,
         mixture: FittedMixture | None = None,
         also: list[int | str] | None = None,
+        calibrated: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -102,7 +105,7 @@ class Scorer:
         own = not (overrides or refitted) and checkpoint == BEST
         path = self.run_dir / "calibration.json"
         self.calibration = read_calibration(path, self.config) if own else None
-        if self.calibration is None:
+        if self.calibration is None and calibrated:
             self.calibration = calibrate(self)
             if own:
                 store_calibration(path, self.calibration)
@@ -191,12 +194,58 @@ def raw_in_passes(
         yield from zip(chunk, scorer.raw_many([model_input(item) for item in chunk]))
 
 
-def calibrate(scorer: Scorer) -> Calibration:
-    """Standardisation and threshold from the validation images (normal, held out)."""
+def scorers_for_ks(
+    run_dir: str | Path, checkpoint: str, eval_overrides: dict, ks: list[int | str]
+) -> list[Scorer]:
+    """A scorer of a run's checkpoint for each K of `ks`, its mixture refitted with that K,
+    all from one encoding of the training tokens and one of the validation images (each
+    K calibrated on its own scores of them): a search over K pays for the forward passes
+    once. Only for a mixture fitted after training (em, kernel)."""
+    first = Scorer(
+        run_dir, checkpoint, eval_overrides, n_gaussians=ks[0], also=ks[1:], calibrated=False
+    )
+    scorers = [first] + [
+        Scorer(
+            run_dir,
+            checkpoint,
+            eval_overrides,
+            n_gaussians=k,
+            mixture=first.fitted[k],
+            calibrated=False,
+        )
+        for k in ks[1:]
+    ]
+    src = first.source
+    inputs = [src.model_input("val", i)[0] for i in range(len(src.items("val")))]
+    for scorer, raws in zip(scorers, raw_each(scorers, inputs)):
+        scorer.calibration = calibrate(scorer, raws)
+    return scorers
+
+
+def raw_each(scorers: list[Scorer], inputs: list[np.ndarray]) -> list[list[Raw]]:
+    """The raw scores of each input (one image, or its tiles) under each scorer, for scorers
+    of one checkpoint that differ in their mixture only: one forward pass serves them all.
+    By scorer, then by input."""
+    first = scorers[0]
+    together = raw_scores_each(
+        first.model,
+        np.concatenate(inputs),
+        first.config,
+        first.device,
+        [(scorer.mixture, scorer.neighbours) for scorer in scorers],
+    )
+    cuts = np.cumsum([len(x) for x in inputs])[:-1]
+    return [raw.split(cuts) for raw in together]
+
+
+def calibrate(scorer: Scorer, raws: list[Raw] | None = None) -> Calibration:
+    """Standardisation and threshold from the validation images (normal, held out); `raws`:
+    their raw scores under this scorer, if already computed."""
     src, e, how = scorer.source, scorer.eval, scorer.image_score
     items = src.items("val")
     inputs = [src.model_input("val", i) for i in range(len(items))]
-    raws = [raw for _, raw in raw_in_passes(scorer, inputs, lambda x: x[0])]
+    if raws is None:
+        raws = [raw for _, raw in raw_in_passes(scorer, inputs, lambda x: x[0])]
     base = Calibration.fit(
         np.concatenate([r.nll for r in raws]), np.concatenate([r.rec for r in raws]), e.scale
     )

@@ -96,31 +96,28 @@ def tuning_scores(
 ) -> list[dict]:
     """Image AUROC, pixel AUROC and AU-PRO of a run's checkpoint on the tuning split: one
     dict for the run as it is, or one for each K of `ks`, its mixture refitted with that K
-    (the training tokens encoded once for all of them).
+    (the training tokens, the validation and the tuning images encoded once for all K).
 
     The run's own score and calibration (from its validation images) are used, as in
     `evaluate_run`; nothing is written to the run folder but the mixtures' caches.
     """
-    from vtadl.scoring.scorer import Scorer
+    from vtadl.scoring.scorer import Scorer, raw_each, scorers_for_ks
 
     # An explicit override makes the Scorer calibrate afresh without writing calibration.json
     # (which belongs to the run's final evaluation).
     config = load_stored_config(Path(run_dir) / "config.yaml")
     keep = {"score": config.eval.score}
-    if not ks:
-        return [_split_scores(Scorer(run_dir, checkpoint, eval_overrides=keep), split)]
-    first = Scorer(run_dir, checkpoint, eval_overrides=keep, n_gaussians=ks[0], also=ks[1:])
     scorers = (
-        first
-        if i == 0
-        else Scorer(run_dir, checkpoint, keep, n_gaussians=k, mixture=first.fitted[k])
-        for i, k in enumerate(ks)
+        scorers_for_ks(run_dir, checkpoint, keep, ks) if ks else [Scorer(run_dir, checkpoint, keep)]
     )
-    return [_split_scores(scorer, split) for scorer in scorers]
+    images = list(split.images[:, None])
+    return [
+        _split_scores(scorer, raws, split)
+        for scorer, raws in zip(scorers, raw_each(scorers, images))
+    ]
 
 
-def _split_scores(scorer, split: TuningSplit) -> dict:
-    raws = scorer.raw(split.images).split(range(1, len(split.images)))
+def _split_scores(scorer, raws, split: TuningSplit) -> dict:
     shape = split.images.shape[1:3]
     maps, scores = zip(*(scorer.scored(raw, None, shape) for raw in raws))
     return metrics.headline(scores, split.labels, list(maps), list(split.masks))
