@@ -28,7 +28,7 @@ from vtadl.data import index_dataset, make_demo_dataset
 from vtadl.data.pack import GZIP_LEVEL, PackedImages, pack_category
 from vtadl.data.reader import read_sample_image
 from vtadl.data.samples import Sample
-from vtadl.data.tiles import cut_tiles
+from vtadl.inference.tiles import cut_tiles
 
 
 class FolderImages(Dataset):

@@ -45,8 +45,8 @@ from vtadl.data.bench import colour_bins
 from vtadl.data.demo import DEMO_CATEGORIES, make_demo_dataset
 from vtadl.data.source import category_source
 from vtadl.evaluation import evaluate_run
+from vtadl.inference.maps import image_score, to_original
 from vtadl.presets import preset_layer
-from vtadl.scoring.maps import image_score, to_original
 from vtadl.training import fit
 
 

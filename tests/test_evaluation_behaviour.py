@@ -35,9 +35,9 @@ from vtadl.data.prepare import split_samples
 from vtadl.data.source import FileSource, PackSource, category_source
 from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import VtadlError
+from vtadl.inference.maps import standardised
 from vtadl.prediction import predict
 from vtadl.scoring.grids import grid_offsets, shift_images
-from vtadl.scoring.maps import standardised
 from vtadl.scoring.scorer import Scorer
 from vtadl.training import fit
 

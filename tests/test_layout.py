@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vtadl"
 LAYERS = [
     ("foundation", ["vtadl", "vtadl.exceptions", "vtadl.presets", "vtadl.config", "vtadl.metrics",
                     "vtadl.devices", "vtadl.visualize"]),
+    ("inference", ["vtadl.inference"]),
     ("model", ["vtadl.model"]),
     ("data", ["vtadl.data"]),
     ("training", ["vtadl.losses", "vtadl.checkpoints", "vtadl.run_folders", "vtadl.sampling",

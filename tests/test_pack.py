@@ -36,8 +36,8 @@ from vtadl.data.pack import (
 )
 from vtadl.data.prepare import ImageArray, load_arrays, split_samples
 from vtadl.data.reader import read_sample_image
-from vtadl.data.tiles import cut_tiles, tile_grid
 from vtadl.exceptions import DataError
+from vtadl.inference.tiles import cut_tiles, tile_grid
 
 CATEGORY = "brick"  # conftest's demo category: 12 train, 4 good + 8 defect test images, 32 px
 SIZE = 24

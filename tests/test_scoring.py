@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vtadl.inference.maps import standardised
 from vtadl.scoring.calibration import Calibration, Part
 from vtadl.scoring.grids import grid_offsets, nll_map
-from vtadl.scoring.maps import standardised
 
 
 def test_part_standardises_validation_scores() -> None:
@@ -136,3 +136,27 @@ def test_the_default_image_score_adds_whole_image_evidence_for_digits_only() -> 
     del stored["eval"]["neighbour_weight"]
     old = Config.from_dict(upgrade_stored(stored))
     assert old.eval.neighbour_weight == 0 and resolved_image_score(old) == "peak+recon"
+
+
+@pytest.mark.parametrize(
+    ("small", "size"), [((16, 16), (128, 128)), ((7, 9), (100, 33)), ((50, 40), (20, 30))]
+)
+def test_the_numpy_resize_is_torch_s_bilinear(small, size) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from vtadl.inference.maps import resize_bilinear
+
+    a = np.random.default_rng(0).normal(size=(2, *small)).astype(np.float32)
+    want = F.interpolate(torch.from_numpy(a)[:, None], size=size, mode="bilinear")[:, 0]
+    assert np.abs(resize_bilinear(a, size) - want.numpy()).max() < 2e-5
+
+
+@pytest.mark.parametrize(("sigma", "shape"), [(4.0, (128, 96)), (1.5, (33, 20)), (8.0, (10, 12))])
+def test_the_numpy_smoothing_is_scipy_s_gaussian_filter(sigma, shape) -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from vtadl.inference.maps import smooth
+
+    a = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    assert np.abs(smooth(a, sigma) - gaussian_filter(a, sigma)).max() < 1e-6

@@ -65,11 +65,11 @@ def _component_log_density(x: torch.Tensor, mix: Mixture, log_var: torch.Tensor)
         centre = mix.mu[0].mean(1, keepdim=True).detach()
         mu, x = mix.mu[0] - centre, (x - centre.transpose(0, 1)).transpose(0, 1)  # (N, B, D)
         bias = -0.5 * ((mu.square() * inv).sum(-1) + log_var[0].sum(-1) + d_log_2pi)
-        out = torch.baddbmm(bias[:, None], x, (mu * inv).mT)  # (N, B, K)
+        out = torch.baddbmm(bias[:, None], x, (mu * inv).transpose(-2, -1))  # (N, B, K)
         if _shared(inv):
             out = out - 0.5 * (x.square() * inv[:, :1]).sum(-1, keepdim=True)
         else:
-            out = out - 0.5 * (x.square() @ inv.mT)
+            out = out - 0.5 * (x.square() @ inv.transpose(-2, -1))
         out = out.transpose(0, 1)  # (B, N, K)
     else:
         sq = (x.unsqueeze(2) - mix.mu).square() * torch.exp(-log_var)

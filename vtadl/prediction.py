@@ -21,9 +21,9 @@ import numpy as np
 
 from vtadl.data.images import load_image, resize_rgb
 from vtadl.data.samples import is_image_file
-from vtadl.data.tiles import cut_tiles
 from vtadl.exceptions import DataError, VtadlError
-from vtadl.scoring.scorer import Scorer, raw_in_passes
+from vtadl.inference.tiles import cut_tiles
+from vtadl.scoring.scorer import IMAGES_PER_PASS, Scorer, raw_in_passes
 from vtadl.visualize import save_heatmap
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,6 @@ def _read_file(scorer: Scorer, path: Path) -> tuple[np.ndarray, np.ndarray, np.n
     return image, inputs, corners
 
 
-def _inputs_of(read: tuple) -> np.ndarray:
-    return read[3]
-
-
 def _write_map(out: Path, path: Path, name: Path, image, amap, score: float, cal) -> dict:
     """An image's heat map, written under `out`, and its entry in scores.json."""
     with _writing(out / name) as target:
@@ -136,32 +132,77 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path) 
 def predict_images(scorer: Scorer, inputs: Sequence[str | Path], out: str | Path) -> dict:
     """A heat map for each image and out/scores.json, which this returns. Images are read
     and scored IMAGES_PER_PASS at a time."""
+
+    def read(path: Path) -> tuple:
+        return _read_file(scorer, path)
+
+    def score(items: Iterator[tuple]) -> Iterator[tuple[tuple, np.ndarray, float]]:
+        for item, raw in raw_in_passes(scorer, items, lambda item: item[3]):
+            yield (item, *scorer.scored(raw, item[4], item[2].shape[:2]))
+
+    header = {
+        "run_dir": str(scorer.run_dir),
+        "threshold": scorer.calibration.image_threshold,
+        "image_score": scorer.image_score,
+        "mixture_fit": scorer.config.train.mixture_fit,
+        "n_gaussians": scorer.n_gaussians,
+    }
+    return _predicted(inputs, out, read, score, scorer.calibration, header)
+
+
+def predict_exported(model_file: str | Path, inputs: Sequence[str | Path], out: str | Path) -> dict:
+    """`predict` with an exported detector file (`vtadl export`) instead of a run folder:
+    the same heat maps and scores.json, which also names the file."""
+    from vtadl.inference.detector import Detector
+
+    detector = Detector(model_file)
+
+    def read(path: Path) -> tuple:
+        image = load_image(path)
+        try:
+            return (image, *detector.inputs(image))
+        except DataError as exc:
+            raise DataError(f"cannot score {path}: {exc}") from None
+
+    def score(items: Iterator[tuple]) -> Iterator[tuple[tuple, np.ndarray, float]]:
+        while chunk := list(itertools.islice(items, IMAGES_PER_PASS)):
+            for item, result in zip(chunk, detector.score([item[2] for item in chunk])):
+                yield item, result.map, result.score
+
+    meta = detector.meta
+    header = {
+        "model_file": str(detector.path),
+        "run_dir": meta["run_dir"],
+        "threshold": detector.threshold,
+        "image_score": detector.image_score,
+        "mixture_fit": meta["mixture_fit"],
+        "n_gaussians": meta["n_gaussians"],
+    }
+    return _predicted(inputs, out, read, score, detector.calibration, header)
+
+
+def _predicted(inputs, out, read, score, cal, header: dict) -> dict:
+    """Read every image (`read(path)` -> (image, inputs, corners)), score the readable ones
+    (`score(items)` yields each item of (path, name, image, inputs, corners) with its map
+    and score), write their heat maps and out/scores.json (`header` and the images), and
+    return it."""
     named = _named_inputs(inputs)
     out = _output_folder(Path(out))
-    cal = scorer.calibration
     failed: list[dict] = []
 
-    def readable():
+    def readable() -> Iterator[tuple]:
         for path, name in named:
             try:
-                yield (path, name, *_read_file(scorer, path))
+                yield (path, name, *read(path))
             except DataError as exc:
                 log.info("skipped %s: %s", path, exc)
                 failed.append({"image": str(path), "error": str(exc)})
 
-    scored = []
-    for (path, name, image, _, corners), raw in raw_in_passes(scorer, readable(), _inputs_of):
-        amap, score = scorer.scored(raw, corners, image.shape[:2])
-        scored.append(_write_map(out, path, name, image, amap, score, cal))
-    result = {
-        "run_dir": str(scorer.run_dir),
-        "threshold": cal.image_threshold,
-        "image_score": scorer.image_score,
-        "mixture_fit": scorer.config.train.mixture_fit,
-        "n_gaussians": scorer.n_gaussians,
-        "images": scored,
-        "failed": failed,
-    }
+    scored = [
+        _write_map(out, path, name, image, amap, value, cal)
+        for (path, name, image, _, _), amap, value in score(readable())
+    ]
+    result = {**header, "images": scored, "failed": failed}
     with _writing(out / "scores.json") as target:
         target.write_text(json.dumps(result, indent=2))
     return result

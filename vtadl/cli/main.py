@@ -11,7 +11,7 @@ import typer
 from vtadl.cli.data import data_bench, data_check, data_demo, data_download, data_pack
 from vtadl.cli.jobs import cancel, logs, results, retry, status, submit, worker
 from vtadl.cli.options import flag
-from vtadl.cli.run import evaluate, predict, train
+from vtadl.cli.run import evaluate, export, predict, train
 from vtadl.cli.service import service_start, service_status, service_stop
 from vtadl.cli.tune import dashboard, report, tune
 
@@ -40,6 +40,7 @@ COMMANDS = [
             "train": train,
             "evaluate": evaluate,
             "predict": predict,
+            "export": export,
             "tune": tune,
             "report": report,
             "dashboard": dashboard,

@@ -21,6 +21,7 @@ from vtadl.cli.options import (
 )
 from vtadl.cli.progress import RichCallbacks, print_metrics, progress_bars
 from vtadl.config import VARIANTS, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from vtadl.exceptions import ConfigError
 from vtadl.presets import PRESETS
 
 _D, _M, _T, _E = DataConfig(), ModelConfig(), TrainConfig(), EvalConfig()
@@ -198,17 +199,29 @@ def evaluate(
 
 @handle_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
-    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    paths: list[Path] = typer.Argument(
+        ...,
+        metavar="[RUN_DIR] IMAGES...",
+        help="A run folder written by `vtadl train`, then image files or folders of images "
+        "(with --model: images only).",
+    ),
     out_dir: Path = typer.Option(..., "--out", help="Folder for heat maps and scores.json."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Score with a file from `vtadl export` instead of a run folder."
+    ),
 ) -> None:
     """Score new images: heat maps and scores.json (threshold from validation images).
 
     Exit code 1 when some images could not be read; the others are scored all the same.
     """
-    from vtadl.prediction import predict
+    from vtadl.prediction import predict, predict_exported
 
-    result = predict(run_dir, images, out_dir)
+    if model is not None:
+        result = predict_exported(model, paths, out_dir)
+    elif len(paths) < 2:
+        raise ConfigError("give a run folder and at least one image (or --model FILE)")
+    else:
+        result = predict(paths[0], paths[1:], out_dir)
     for failure in result["failed"]:
         err.print(
             f"[yellow]skipped:[/yellow] {escape(failure['error'])}", highlight=False, soft_wrap=True
@@ -223,3 +236,22 @@ def predict(
     if result["failed"]:
         err.print(f"{len(result['failed'])} images could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+@handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `vtadl train`."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (onnxruntime) or torchscript (torch)."),
+    out_file: Path = typer.Option(..., "--out", help="The file to write."),
+) -> None:
+    """Write a run as one file that scores images without vtadl's training stack:
+    `vtadl predict --model FILE`, or `vtadl.inference.Detector` with numpy, Pillow and the
+    format's runtime."""
+    from vtadl.export import export_run
+
+    meta = export_run(run_dir, fmt, out_file)
+    out.print(
+        f"{out_file}: {fmt}, {meta['mixture_fit']} K={meta['n_gaussians']}, threshold "
+        f"{meta['threshold']:.3f}, {out_file.stat().st_size / 2**20:.1f} MiB",
+        highlight=False,
+    )

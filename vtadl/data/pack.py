@@ -76,8 +76,8 @@ from vtadl.data.reader import (
     sample_name,
 )
 from vtadl.data.samples import Sample
-from vtadl.data.tiles import cut_tiles, stitch_tiles, tile_grid
 from vtadl.exceptions import DataError
+from vtadl.inference.tiles import cut_tiles, stitch_tiles, tile_grid
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from vtadl.data.packed import (
 )
 from vtadl.data.prepare import ImageArray, split_samples
 from vtadl.data.reader import read_sample_image, read_sample_mask, sample_image_size, sample_name
-from vtadl.data.tiles import cut_tiles
 from vtadl.exceptions import ConfigError, DataError
+from vtadl.inference.tiles import cut_tiles
 
 if TYPE_CHECKING:
     from vtadl.config import Config

@@ -72,19 +72,24 @@ class ImageNeighbours:
             raise ValueError(f"{len(grids)} grids of tokens, the neighbours hold {self.grids}")
         x = torch.cat(grids, 1).float().to(self.tokens.device)  # (B, S * L, D)
         xc = (x - self.centre).transpose(0, 1)  # (S * L, B, D)
+        dot = None
         with _full_float32():
-            dot = torch.zeros(len(x), self.tokens.shape[1], device=x.device)
-            for start in range(0, len(xc), POSITIONS_PER_PRODUCT):
+            for start in range(0, xc.shape[0], POSITIONS_PER_PRODUCT):
                 at = slice(start, start + POSITIONS_PER_PRODUCT)
                 m = self.tokens[at].float()  # (P, images, D)
                 # (x - c).(m - c) = (x - c).m - (x - c).c
-                dot += torch.bmm(xc[at], m.transpose(1, 2)).sum(0)
-                dot -= (xc[at] * self.centre[at, None]).sum((0, 2))[:, None]
+                part = torch.bmm(xc[at], m.transpose(1, 2)).sum(0)
+                part = part - (xc[at] * self.centre[at, None]).sum((0, 2))[:, None]
+                dot = part if dot is None else dot + part
         sq = xc.square().sum((0, 2))[:, None] + self.norms[None] - 2 * dot
         nearest = sq.topk(min(CANDIDATES, sq.shape[1]), dim=1, largest=False).indices.cpu()
-        x64 = x.cpu().double()
-        exact = [
-            (x64[b, :, None] - self.tokens[:, near].cpu().double()).square().sum((0, 2)).min()
-            for b, near in enumerate(nearest)
-        ]
-        return torch.stack(exact).sqrt()
+        # the candidates' exact squared distances (B, candidates), a slice of positions at a
+        # time: sums of squared differences in float64
+        x64 = x.cpu().double().transpose(0, 1)  # (S * L, B, D)
+        exact = None
+        for start in range(0, x64.shape[0], POSITIONS_PER_PRODUCT):
+            at = slice(start, start + POSITIONS_PER_PRODUCT)
+            near = self.tokens[at].cpu().double()[:, nearest]  # (P, B, candidates, D)
+            part = (x64[at, :, None] - near).square().sum((0, 3))
+            exact = part if exact is None else exact + part
+        return exact.amin(1).sqrt()

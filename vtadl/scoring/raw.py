@@ -5,7 +5,6 @@ tokens to the nearest training image's."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,27 +12,12 @@ import torch
 from vtadl.config import Config
 from vtadl.data.prepare import to_float
 from vtadl.devices import autocast
+from vtadl.inference.maps import Raw
 from vtadl.losses import MDN_LOSS_FUNCTIONS
 from vtadl.model import VTADL, Mixture
 from vtadl.scoring.grids import grid_offsets, shift_images
 from vtadl.scoring.mixtures import FittedMixture
 from vtadl.scoring.neighbours import ImageNeighbours
-
-
-class Raw(NamedTuple):
-    """The raw scores of a batch of model inputs (images, or tiles): the mixture NLL of
-    every patch on every shifted grid (N, S, g, g), the squared reconstruction error per
-    pixel (N, H, W), and, when asked for, the distance of each input's tokens to the
-    nearest training image's (N,), else None."""
-
-    nll: np.ndarray
-    rec: np.ndarray
-    near: np.ndarray | None = None
-
-    def split(self, cuts: Sequence[int]) -> list[Raw]:
-        """The scores of consecutive groups of inputs, cut before each index in `cuts`."""
-        parts = [np.split(a, cuts) if a is not None else [None] * (len(cuts) + 1) for a in self]
-        return [Raw(*group) for group in zip(*parts)]
 
 
 @torch.no_grad()
@@ -112,27 +96,44 @@ def raw_scores_each(
     one forward pass per batch and grid: several mixtures fitted to one checkpoint (a search
     over K) cost the encoding once."""
     model.eval()
-    offsets = grid_offsets(images.shape[2] // model.grid_size, config.eval.grid_shifts)
-    mixtures = [mixture for mixture, _ in scorings]
-    compared = any(neighbours is not None for _, neighbours in scorings)
     nll, rec, near = [[] for _ in scorings], [], [[] for _ in scorings]
     for start in range(0, len(images), batch_size):
-        x = to_float(torch.from_numpy(images[start : start + batch_size]).to(device))
-        x = x.permute(0, 3, 1, 2)
-        grids, tokens = [[] for _ in scorings], []
-        for k, (dy, dx) in enumerate(offsets):
-            ns, r, t = patch_nll_each(model, shift_images(x, dy, dx), config, k, mixtures)
-            for each, n in zip(grids, ns):
-                each.append(n)
-            if compared:  # held for the batch only when they are compared
-                tokens.append(t)
-            if not (dy or dx):
-                rec.append(r.cpu().numpy())
-        for j, (_, neighbours) in enumerate(scorings):
-            nll[j].append(torch.stack(grids[j], 1).cpu().numpy())
-            if neighbours is not None:
-                near[j].append(neighbours.distance(tokens).cpu().numpy())
+        x = torch.from_numpy(images[start : start + batch_size]).to(device)
+        nlls, r, nears = batch_scores(model, x, config, scorings)
+        rec.append(r.cpu().numpy())
+        for j, (n, d) in enumerate(zip(nlls, nears)):
+            nll[j].append(n.cpu().numpy())
+            if d is not None:
+                near[j].append(d.cpu().numpy())
     rec = np.concatenate(rec)
     return [
         Raw(np.concatenate(n), rec, np.concatenate(d) if d else None) for n, d in zip(nll, near)
     ]
+
+
+def batch_scores(
+    model: VTADL,
+    images: torch.Tensor,
+    config: Config,
+    scorings: Sequence[tuple[FittedMixture | None, ImageNeighbours | None]],
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """One batch of uint8 images (B, H, W, 3) on the model's device -> for each scoring its
+    NLL grids (B, S, g, g), the reconstruction error (B, H, W), and for each scoring with
+    neighbours the distance (B,) (else None). A function of tensors only (no loop over the
+    batch), so that a run can be exported as a traced graph (`vtadl.export`)."""
+    x = to_float(images).permute(0, 3, 1, 2)
+    offsets = grid_offsets(config.model.patch_size, config.eval.grid_shifts)
+    mixtures = [mixture for mixture, _ in scorings]
+    compared = any(neighbours is not None for _, neighbours in scorings)
+    grids, tokens, rec = [[] for _ in scorings], [], None
+    for k, (dy, dx) in enumerate(offsets):
+        ns, r, t = patch_nll_each(model, shift_images(x, dy, dx), config, k, mixtures)
+        for each, n in zip(grids, ns):
+            each.append(n)
+        if compared:  # held for the batch only when they are compared
+            tokens.append(t)
+        if not (dy or dx):
+            rec = r
+    nlls = [torch.stack(each, 1) for each in grids]
+    nears = [n.distance(tokens) if n is not None else None for _, n in scorings]
+    return nlls, rec, nears

@@ -25,6 +25,7 @@ from vtadl.config import (
 from vtadl.data.source import Source, category_source
 from vtadl.devices import pick_device
 from vtadl.exceptions import ConfigError, RunError
+from vtadl.inference.maps import log_mse, log_near, peak, scored, standardised
 from vtadl.scoring.calibration import (
     COMPOSITE,
     NEAR_FLOOR,
@@ -34,7 +35,6 @@ from vtadl.scoring.calibration import (
     read_calibration,
     store_calibration,
 )
-from vtadl.scoring.maps import full_map, image_level, log_mse, log_near, peak, standardised
 from vtadl.scoring.mixture_fit import fitted_mixtures
 from vtadl.scoring.mixtures import FittedMixture
 from vtadl.scoring.neighbours import ImageNeighbours
@@ -177,11 +177,9 @@ class Scorer:
         calibration: Calibration | None = None,
     ) -> tuple[np.ndarray, float]:
         """One image's map at its original resolution, from the raw scores of its input(s),
-        and its image score (`vtadl.scoring.maps.image_level`)."""
+        and its image score (`vtadl.inference.maps.image_level`)."""
         cal = calibration or self.calibration
-        small = standardised(raw.nll, raw.rec, cal, self.eval.score)
-        amap = full_map(small, corners, shape, self.eval.smoothing_sigma)
-        return amap, image_level(raw, small, amap, cal, self.eval, self.image_score)
+        return scored(raw, corners, shape, cal, self.eval, self.image_score)
 
 
 def raw_in_passes(
