@@ -22,7 +22,7 @@ LAYERS = [
     ("training", ["vtadl.losses", "vtadl.checkpoints", "vtadl.run_folders", "vtadl.sampling",
                   "vtadl.training", "vtadl.ray_session", "vtadl.distributed"]),
     ("scoring", ["vtadl.scoring"]),
-    ("evaluation", ["vtadl.evaluation", "vtadl.prediction"]),
+    ("evaluation", ["vtadl.evaluation", "vtadl.prediction", "vtadl.export"]),
     ("runs", ["vtadl.runs"]),
     ("search", ["vtadl.tune", "vtadl.report"]),
     ("service", ["vtadl.service", "vtadl.job_contract", "vtadl.queue", "vtadl.worker",

@@ -29,7 +29,7 @@ from typing import Any
 
 from vtadl.exceptions import RunError
 from vtadl.metrics import LABELS as METRIC_LABELS
-from vtadl.tune.settings import PARAMS, RESULTS_FILE, SETTINGS_FILE, SUMMARY_FILE
+from vtadl.tune.settings import PARAMS, RESULTS_FILE, SETTINGS_FILE, SUMMARY_FILE, winner_commands
 
 log = logging.getLogger(__name__)
 
@@ -357,10 +357,8 @@ def _best_config(summary: dict) -> str:
     path = summary.get("best_config")
     if not path:
         return ""
-    return (
-        f"<br>Its settings as a config file: <code>vtadl train --config {html.escape(path)}</code>"
-        f" (or <code>vtadl submit --config {html.escape(path)}</code>)"
-    )
+    train, submit = (html.escape(command) for command in winner_commands(path))
+    return f"<br>Its settings as a config file: <code>{train}</code> (or <code>{submit}</code>)"
 
 
 def _paper_ablation(exp: Experiment) -> str:

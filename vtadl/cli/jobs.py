@@ -23,6 +23,7 @@ from vtadl.cli.console import err, handle_errors, out
 from vtadl.cli.options import AS_JSON, REDIS_URL, config_sections
 from vtadl.cli.run import train
 from vtadl.cli.tune import tune as tune_command
+from vtadl.tune.settings import winner_commands
 
 
 def _connect(url: str | None, **kwargs: Any):
@@ -347,8 +348,8 @@ def results(redis_url: str | None = REDIS_URL, as_json: bool = AS_JSON) -> None:
         for r in mine:
             if r.get("best_config"):
                 out.print(
-                    f"{r['category']}: the search's best settings: vtadl train --config "
-                    f"{r['best_config']}",
+                    f"{r['category']}: the search's best settings: "
+                    + "  |  ".join(winner_commands(r["best_config"])),
                     highlight=False,
                     soft_wrap=True,
                 )

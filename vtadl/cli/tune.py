@@ -14,6 +14,7 @@ from rich.table import Table
 from vtadl.cli.console import handle_errors, out
 from vtadl.cli.options import config_from_options
 from vtadl.cli.run import train
+from vtadl.tune.settings import winner_commands
 
 # train's options that `tune` replaces (searched values, resume, output) or has no use for.
 _NOT_FOR_TUNE = {"resume", "as_json", "lr", "n_gaussians", "noise_std"}
@@ -106,8 +107,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     out.print(f"experiment: {summary['experiment']}  (tune_results.csv)", highlight=False)
     if summary.get("best_config"):
         out.print(
-            f"train it again, or on the queue: vtadl train --config {summary['best_config']}"
-            f"  |  vtadl submit --config {summary['best_config']}",
+            "train it again, or on the queue: "
+            + "  |  ".join(winner_commands(summary["best_config"])),
             highlight=False,
             soft_wrap=True,
         )

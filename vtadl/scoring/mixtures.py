@@ -54,7 +54,10 @@ class FittedMixture:
     def arrays(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def to(self, device: torch.device) -> FittedMixture:
+    def to(self, device: torch.device | str) -> FittedMixture:
+        """This mixture on `device` (itself, if it is there already)."""
+        if self.log_var.device == torch.device(device):
+            return self
         return type(self)(**{k: torch.as_tensor(v).to(device) for k, v in self.arrays().items()})
 
     def neighbours(self) -> ImageNeighbours | None:
@@ -76,7 +79,7 @@ def load_mixture(path: Path, device: torch.device | str = "cpu") -> tuple[Fitted
         cls = next(c for c in (GaussianMixture, KernelDensity, PositionKernel) if c.kind == kind)
         fields = {k: data[k] for k in cls.FIELDS}
         meta = {k: data[k].item() for k in data.files if k not in cls.FIELDS and k != "kind"}
-    return cls(**{k: torch.from_numpy(v) for k, v in fields.items()}).to(device), meta
+    return cls(**{k: torch.from_numpy(v).to(device) for k, v in fields.items()}), meta
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -202,6 +205,8 @@ class PositionKernel(FittedMixture):
             "grids": np.array(self.grids),
         }
 
-    def to(self, device: torch.device) -> PositionKernel:
+    def to(self, device: torch.device | str) -> PositionKernel:
+        if self.log_var.device == torch.device(device):
+            return self
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return PositionKernel(move(self.centres), move(self.log_var), move(self.tokens), self.grids)

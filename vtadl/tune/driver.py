@@ -21,6 +21,7 @@ from vtadl.exceptions import ConfigError, RunError, TrainingError
 from vtadl.ray_session import check_address, session
 from vtadl.run_folders import new_run_dir
 from vtadl.tune.settings import (
+    BEST_CONFIG,
     EPOCH,
     OBJECTIVE,
     OBJECTIVES,
@@ -48,7 +49,6 @@ from vtadl.tune.trial import (
 log = logging.getLogger(__name__)
 
 FINISHED = ("completed", "stopped early", "error")
-BEST_CONFIG = "best_config.yaml"  # the winner's config: vtadl train/submit --config take it
 
 
 def tune(base_config: Config | dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,15 @@ DEFAULT_GAUSSIAN_COUNTS["kernel"] = [16384, 32768, "all"]
 OBJECTIVE, EPOCH = "objective", "epoch"
 SPLIT_FILE, SETTINGS_FILE = "tuning_split.npz", "tune_settings.json"
 RESULTS_FILE, SUMMARY_FILE = "tune_results.csv", "tuning.json"
+BEST_CONFIG = "best_config.yaml"  # the winner's config: vtadl train/submit --config take it
+
+
+def winner_commands(config_path: str) -> list[str]:
+    """The commands that train a search's winner (its BEST_CONFIG file) again: here, and on
+    the queue."""
+    return [f"vtadl train --config {config_path}", f"vtadl submit --config {config_path}"]
+
+
 _KINDS = {"int": "a whole number", "str": "a string"}
 
 
