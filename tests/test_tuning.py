@@ -383,3 +383,27 @@ def test_trials_report_at_scoring_epochs_and_otherwise_at_most_every_interval(
     assert run(every=0) == list(range(1, 11))  # slow epochs: every one
     # The checkpoint changed at epoch 3, so epoch 4 scored again; epoch 10 did not need to.
     assert len(scored) == 4
+
+
+def test_a_report_that_decides_nothing_fits_the_cheapest_k_only(monkeypatch) -> None:
+    # The first epoch is scored only because Tune wants the objective in every report;
+    # every K is fitted where the scheduler decides, even with the checkpoint unchanged.
+    import ray.tune
+
+    from vtadl.tune import trial
+
+    sent, asked = [], []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: sent.append(dict(metrics)))
+    scores = {"au_pro": 0.5, "pixel_auroc": 0.6, "image_auroc": 0.7}
+    monkeypatch.setattr(
+        trial, "tuning_scores", lambda run_dir, split, ks: asked.append(ks) or [scores] * len(ks)
+    )
+    ks = [100, 10, "all"]
+    reporter = trial._Reporter(Path("run"), None, "au_pro", [1, 5], ks, 3600, decide_at=[5])
+    for epoch in range(1, 6):
+        reporter.on_epoch_end({"epoch": epoch, "val_loss": 1.0, "best": epoch == 1})
+    assert asked == [[10], ks]
+    assert [m["epoch"] for m in sent] == [1, 5]
+    assert "k10_au_pro" in sent[0] and "kall_au_pro" not in sent[0]
+    assert all(trial.k_key(k, "au_pro") in sent[-1] for k in ks)
+    assert trial.deciding_epochs(10, TuneSettings(scheduler="fifo")) == [10]

@@ -36,6 +36,7 @@ from vtadl.tune.settings import (
     settings_from_options,
 )
 from vtadl.tune.trial import (
+    deciding_epochs,
     fitted_after_training,
     k_key,
     run_trial,
@@ -156,6 +157,7 @@ def _trainable(config: Config, settings: TuneSettings, experiment: Path):
         "experiment": str(experiment),
         "metric": settings.metric,
         "score_at": scoring_epochs(t.epochs, settings),
+        "decide_at": deciding_epochs(t.epochs, settings),
         "ks": settings.space["n_gaussians"] if fitted else None,
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)

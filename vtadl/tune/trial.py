@@ -123,11 +123,10 @@ def _split_scores(scorer, raws, split: TuningSplit) -> dict:
     return metrics.headline(scores, split.labels, list(maps), list(split.masks))
 
 
-def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
-    """Epochs at which a trial scores its best checkpoint on the tuning split: the first and
-    the last, and under ASHA its decision points too (the rungs: grace * factor^k). FIFO
-    decides on the last report only, so scoring in between would only cost time."""
-    marks = {1, epochs}
+def deciding_epochs(epochs: int, settings: TuneSettings) -> list[int]:
+    """Epochs at whose report the scheduler decides on a trial: the last, and under ASHA its
+    rungs (grace * factor^k). FIFO decides on the last report only."""
+    marks = {epochs}
     if settings.scheduler == "asha":
         rung = grace_period(settings, epochs)
         while rung < epochs:
@@ -136,11 +135,26 @@ def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
     return sorted(marks)
 
 
+def scoring_epochs(epochs: int, settings: TuneSettings) -> list[int]:
+    """Epochs at which a trial scores its best checkpoint on the tuning split: where the
+    scheduler decides, and the first (Tune wants the objective in every report); scoring in
+    between would only cost time."""
+    return sorted({1, *deciding_epochs(epochs, settings)})
+
+
+def cheapest(ks: list[int | str]) -> int | str:
+    """The K of `ks` that costs least to fit and score: the fewest Gaussians."""
+    return min(ks, key=lambda k: math.inf if k == "all" else k)
+
+
 class _Reporter(Callbacks):
     """Scores the best checkpoint on the tuning split at the scoring epochs (if it changed)
     and reports to Tune then, and in between at most every `every` seconds, with the
     objective of the last scoring. With `ks`, every K is scored, each K's scores are
-    reported under `k_key`, and the objective is the best K's.
+    reported under `k_key`, and the objective is the best K's; at a scoring epoch where the
+    scheduler decides nothing (`decide_at`: the first epoch, which is scored only because
+    Tune wants the objective in every report) only the cheapest K is fitted and scored, and
+    all of them at the next deciding epoch.
 
     A report holds the trial until Tune's controller, in the driver process, has taken it in
     (a function trainable reports synchronously, so that a scheduler can stop the trial
@@ -157,11 +171,14 @@ class _Reporter(Callbacks):
         score_at: list[int],
         ks: list[int | str] | None = None,
         every: float = REPORT_EVERY_S,
+        decide_at: list[int] | None = None,
     ):
         self.run_dir, self.split, self.metric, self.ks = run_dir, split, metric, ks
         self.score_at, self.every = set(score_at), every
+        self.decide_at = set(score_at if decide_at is None else decide_at)
         self.result: dict | None = None
         self.stale = True
+        self.partial = False  # whether the result holds the cheapest K only
         self.reported_at = -math.inf
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
@@ -169,23 +186,25 @@ class _Reporter(Callbacks):
 
         self.stale = self.stale or bool(record.get("best"))
         due = record["epoch"] in self.score_at
-        if self.result is None or (self.stale and due):
-            self.result = self._scored()
+        deciding = record["epoch"] in self.decide_at
+        if self.result is None or (due and (self.stale or (deciding and self.partial))):
+            self.partial = bool(self.ks) and len(self.ks) > 1 and not deciding
+            self.result = self._scored([cheapest(self.ks)] if self.partial else self.ks)
             self.stale = False
         elif not due and time.monotonic() - self.reported_at < self.every:
             return
         tune.report({EPOCH: record["epoch"], "val_loss": record["val_loss"], **self.result})
         self.reported_at = time.monotonic()
 
-    def _scored(self) -> dict[str, Any]:
+    def _scored(self, ks: list[int | str] | None) -> dict[str, Any]:
         """The objective and the tuning scores to report (each K's, with `ks`)."""
-        found = tuning_scores(self.run_dir, self.split, self.ks)
-        if not self.ks:
+        found = tuning_scores(self.run_dir, self.split, ks)
+        if not ks:
             return {
                 OBJECTIVE: found[0][self.metric],
                 **{f"tuning_{k}": v for k, v in found[0].items()},
             }
-        by_k = {k_key(k, name): s[name] for k, s in zip(self.ks, found) for name in OBJECTIVES}
+        by_k = {k_key(k, name): s[name] for k, s in zip(ks, found) for name in OBJECTIVES}
         return {OBJECTIVE: max(s[self.metric] for s in found), **by_k}
 
 
@@ -202,7 +221,14 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     config = trial_config(Config.from_dict(setup["config"]), params)
     run_dir = Path(setup["experiment"]) / "trials" / tune.get_context().get_trial_id()
     split = TuningSplit.load(Path(setup["experiment"]) / SPLIT_FILE)
-    reporter = _Reporter(run_dir, split, setup["metric"], setup["score_at"], setup.get("ks"))
+    reporter = _Reporter(
+        run_dir,
+        split,
+        setup["metric"],
+        setup["score_at"],
+        setup.get("ks"),
+        decide_at=setup.get("decide_at"),
+    )
     fit(config, run_dir=run_dir, callbacks=reporter)
 
 
