@@ -197,3 +197,22 @@ def test_the_inference_module_scores_in_a_fresh_environment_with_its_own_depende
         assert score == pytest.approx(want.score, abs=1e-5) and anomalous == want.anomalous
         assert mean == pytest.approx(float(want.map.mean()), abs=1e-5)
     assert sys.executable != str(python)
+
+
+def test_a_kernel_summed_in_chunks_exports_too(runs, monkeypatch, tmp_path) -> None:
+    # A kernel of many centres sums its log densities chunk by chunk (logaddexp, which the
+    # ONNX export writes in plain operators); here a small chunk forces several.
+    import vtadl.scoring.mixtures
+
+    monkeypatch.setattr(vtadl.scoring.mixtures, "CHUNK_PAIRS", 4096)
+    run = runs["kernel"]
+    export_run(run, "onnx", tmp_path / "chunked.onnx")
+    scorer, detector = Scorer(run), Detector(tmp_path / "chunked.onnx")
+    assert scorer.n_gaussians > 4096 // 16  # several chunks for one image's 16 tokens
+    src = scorer.source
+    image = src.display_image("test", 0)
+    inputs, corners = src.model_input("test", 0)
+    amap, score = scorer.scored(scorer.raw(inputs), corners, image.shape[:2])
+    result = detector.score([image])[0]
+    np.testing.assert_allclose(result.map, amap, atol=1e-4)
+    assert result.score == pytest.approx(score, abs=1e-4)

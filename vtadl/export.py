@@ -124,9 +124,18 @@ def export_run(
     return meta
 
 
+def _logaddexp(g, a, b):
+    """aten::logaddexp in ONNX operators (a kernel of many centres sums its chunks' log
+    densities with it): max(a, b) + log(1 + exp(-|a - b|))."""
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    gap = g.op("Neg", g.op("Abs", g.op("Sub", a, b)))
+    return g.op("Add", g.op("Max", a, b), g.op("Log", g.op("Add", one, g.op("Exp", gap))))
+
+
 def _write_onnx(graph: ScoringGraph, example: torch.Tensor, path: Path, meta: dict) -> None:
     import onnx
 
+    torch.onnx.register_custom_op_symbolic("aten::logaddexp", _logaddexp, OPSET)
     names = graph.outputs
     torch.onnx.export(
         graph,
