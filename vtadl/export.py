@@ -13,6 +13,7 @@ does: the resizing or tiling, maps, smoothing and image score are the same numpy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import asdict
@@ -148,5 +149,32 @@ def _write_onnx(graph: ScoringGraph, example: torch.Tensor, path: Path, meta: di
         dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
     )
     model = onnx.load(str(path))
+    _share_constants(model.graph)
     model.metadata_props.add(key=META_KEY, value=json.dumps(meta))
     onnx.save(model, str(path))
+
+
+def _share_constants(graph) -> None:
+    """One Constant node for each distinct tensor: the tracer writes a tensor that is not a
+    parameter (the mixture's centres, say) as a constant at every use, once per shifted
+    grid (16 copies on 4 x 4 grids); the later copies' uses are pointed at the first."""
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            key = (t.data_type, tuple(t.dims), hashlib.sha1(t.raw_data).digest())
+            if t.raw_data and key in first:
+                renamed[node.output[0]] = first[key]
+                continue
+            first.setdefault(key, node.output[0])
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    for output in graph.output:
+        if output.name in renamed:  # not expected: outputs are computed
+            raise ValueError(f"graph output {output.name} is a shared constant")
