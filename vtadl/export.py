@@ -20,12 +20,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import vtadl
 from vtadl.checkpoints import BEST
 from vtadl.exceptions import ConfigError, VtadlError
-from vtadl.inference.detector import FORMAT, FORMAT_VERSION, FORMATS, META_KEY
+from vtadl.inference.detector import BATCH, FORMAT, FORMAT_VERSION, FORMATS, META_KEY
 from vtadl.scoring.raw import batch_scores
 from vtadl.scoring.scorer import Scorer
 
@@ -104,7 +105,10 @@ def export_run(
     graph = ScoringGraph(scorer).eval()
     meta = metadata(scorer, fmt, checkpoint)
     src = scorer.source
-    example = torch.from_numpy(src.model_input("val", 0)[0][:1]).to(scorer.device)
+    # Traced at the detector's batch: a kernel's chunks of components are sized then (for
+    # that many tokens at once); a batch of one runs the same chunks, smaller.
+    example = np.repeat(src.model_input("val", 0)[0][:1], BATCH, axis=0)
+    example = torch.from_numpy(example).to(scorer.device)
     partial = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
