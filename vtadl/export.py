@@ -101,7 +101,7 @@ def export_run(
     out = Path(out)
     if out.is_dir():
         raise VtadlError(f"{out} is a folder: give the file to write")
-    scorer = Scorer(run_dir, checkpoint)
+    scorer = Scorer(run_dir, checkpoint, device="cpu")  # traced for the CPU it will run on
     graph = ScoringGraph(scorer).eval()
     meta = metadata(scorer, fmt, checkpoint)
     src = scorer.source

@@ -59,7 +59,8 @@ class Scorer:
     run's calibration.json, as is any checkpoint but the best. `also`: further K to fit with
     the scorer's own, from the same encoding of the training tokens (`fitted`, by K).
     `calibrated=False` leaves `calibration` None, for the caller to set (`scorers_for_ks`
-    calibrates several from one encoding of the validation images).
+    calibrates several from one encoding of the validation images). `device`: where to
+    score, instead of the run's `train.device`.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Scorer:
         mixture: FittedMixture | None = None,
         also: list[int | str] | None = None,
         calibrated: bool = True,
+        device: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -88,7 +90,7 @@ class Scorer:
         # "auto" settings, resolved once for every image this scorer sees
         self.image_score = resolved_image_score(self.config)
         self.kernel_scope = kernel_scope(self.config)
-        self.device = pick_device(self.config.train.device)
+        self.device = pick_device(device or self.config.train.device)
         self.model = model.to(self.device)
         self._source: Source | None = None
         self.mixture = mixture.to(self.device) if mixture is not None else None
