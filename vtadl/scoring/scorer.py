@@ -169,7 +169,7 @@ class Scorer:
         """The raw scores of several images (their inputs: one image, or its tiles each),
         scored in shared batches: a mixture's per-call work (a kernel's tens of thousands
         of Gaussians) is then spread over a whole batch, not repeated for every image."""
-        return self.raw(np.concatenate(inputs)).split(np.cumsum([len(x) for x in inputs])[:-1])
+        return raw_each([self], inputs)[0]
 
     def scored(
         self,
