@@ -403,12 +403,22 @@ def test_a_run_refits_its_mixture_as_a_kernel_and_records_it(em_run: Path) -> No
     assert json.loads((em_run / "metrics.json").read_text())["mixture_fit"] == "kernel"
 
 
-def test_a_mixture_trained_with_the_network_cannot_be_refitted(tmp_path: Path) -> None:
+def test_a_mixture_trained_with_the_network_keeps_its_k_but_the_network_can_be_fitted() -> None:
     from vtadl.scoring.scorer import refit
 
-    sgd = default_config("vtadl_tiny").override(train={"mixture_fit": "sgd"})
-    with pytest.raises(ConfigError, match="fitted by sgd"):
-        refit(sgd, "kernel")
+    sgd = default_config("vtadl_tiny").override(
+        model={"mdn_condition": "token"}, train={"mixture_fit": "sgd", "mdn_loss": "reference"}
+    )
+    with pytest.raises(ConfigError, match="fitted by sgd; its K is part of the training"):
+        refit(sgd, None, 8)
+    with pytest.raises(ConfigError, match="fitted by sgd; its K"):
+        refit(sgd, "sgd", 8)
+    with pytest.raises(ConfigError, match="refitted as em or kernel only, got 'sgd'"):
+        refit(default_config("vtadl_tiny"), "sgd")
+    kernel = refit(sgd, "kernel", 8)
+    assert (kernel.train.mixture_fit, kernel.model.n_gaussians) == ("kernel", 8)
+    assert (kernel.model.mdn_condition, kernel.train.mdn_loss) == ("global", "mixture")
+    assert refit(sgd, "em").model.n_gaussians == "auto"  # the fit's own default K
     assert refit(default_config("vtadl_tiny"), "kernel").train.mixture_fit == "kernel"
 
 

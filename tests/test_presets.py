@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from vtadl.cli.main import app
 from vtadl.config import VARIANTS, Config, layered_config, load_config, validate
+from vtadl.evaluation import evaluate_run
 from vtadl.exceptions import ConfigError
 from vtadl.presets import PRESETS, preset_layer
 from vtadl.runs import train_config
@@ -149,8 +150,17 @@ def _train_paper(demo_root: Path, tmp_path: Path, *extra: str) -> tuple[Path, di
 
 
 def test_train_preset_paper_end_to_end(demo_root: Path, tmp_path: Path) -> None:
-    _, saved = _train_paper(demo_root, tmp_path)
+    run_dir, saved = _train_paper(demo_root, tmp_path)
     assert saved["train"]["strategy"] == "single"
+    # the network the paper's method trained, scored by a kernel fitted beside it when asked
+    # (what vtadl's scoring buys on it); its K cannot change without retraining
+    paper = json.loads((run_dir / "metrics.json").read_text())
+    kernel = evaluate_run(run_dir, mixture_fit="kernel", n_gaussians=64)
+    assert (kernel["mixture_fit"], kernel["n_gaussians"]) == ("kernel", 64)
+    assert kernel["image_auroc"] != paper["image_auroc"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == saved  # the run is kept
+    with pytest.raises(ConfigError, match="fitted by sgd; its K is part of the training"):
+        evaluate_run(run_dir, n_gaussians=64)
     # a resumed run keeps its preset
     where = {"data": {"category": CATEGORY}, "train": {"out": str(tmp_path / "runs")}}
     cfg, _ = train_config(resume=True, preset="paper", overrides=where)

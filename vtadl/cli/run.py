@@ -159,7 +159,9 @@ def evaluate(
         None, help="Score the patch grid at N x N offsets for a finer map (N^2 passes)."
     ),
     mixture_fit: str | None = typer.Option(
-        None, help="Refit the mixture after training: em or kernel (not for sgd)."
+        None,
+        help="Refit the mixture after training: em or kernel (on an sgd run: fitted beside "
+        "the trained network, its trained head unused).",
     ),
     n_gaussians: str | None = typer.Option(
         None,

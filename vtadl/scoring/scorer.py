@@ -292,16 +292,30 @@ def _image_parts(base: Calibration, raws: list[Raw], e: EvalConfig, how: str) ->
 
 def refit(config: Config, how: str | None, k: int | str | None = None) -> Config:
     """The run's config with its mixture fitted after training another way (`how`) or with
-    another K: possible between the fits that leave the trained network alone (em, kernel),
-    not for a mixture that was trained with it (sgd)."""
-    how = how or config.train.mixture_fit
-    if config.train.mixture_fit not in FITTED_AFTER_TRAINING or how not in FITTED_AFTER_TRAINING:
+    another K. A mixture fitted after training (em, kernel) is refitted either way with any K;
+    a mixture trained with the network (sgd) keeps its K, but the trained network's clean
+    tokens can be fitted as em or kernel when that is asked for by name."""
+    trained = config.train.mixture_fit
+    how = how or trained
+    if how not in FITTED_AFTER_TRAINING and how != trained:
         raise ConfigError(
-            f"this run's mixture was fitted by {config.train.mixture_fit}; it can be refitted "
-            f"after training as {' or '.join(FITTED_AFTER_TRAINING)} only when it was fitted "
-            f"that way, got {how!r}"
+            f"a mixture fitted by {how} is trained with the network (vtadl train "
+            f"--mixture-fit {how}); after training a run's mixture can be refitted as "
+            f"{' or '.join(FITTED_AFTER_TRAINING)} only, got {how!r}"
+        )
+    if how not in FITTED_AFTER_TRAINING:
+        raise ConfigError(
+            f"this run's mixture was fitted by {trained}; its K is part of the training and "
+            f"cannot change without retraining (a mixture fitted after training can be asked "
+            f"for by name: --mixture-fit {' or '.join(FITTED_AFTER_TRAINING)})"
         )
     model = {"n_gaussians": k} if k is not None else {}
-    if how != config.train.mixture_fit and k is None:
+    if how != trained and k is None:
         model = {"n_gaussians": "auto"}  # the other fit's own default K
-    return config.override(train={"mixture_fit": how}, model=model)
+    train = {"mixture_fit": how}
+    if trained not in FITTED_AFTER_TRAINING:
+        # one mixture for every token fitted beside the trained network, by its likelihood;
+        # the head trained with the network is left unused
+        model["mdn_condition"] = "global"
+        train["mdn_loss"] = "mixture"
+    return config.override(train=train, model=model)
