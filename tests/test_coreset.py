@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from vtadl.scoring.coreset import (
+    DIM,
     greedy_order,
     greedy_order_by_position,
-    projection,
+    principal_axes,
     start_index,
 )
 
@@ -43,11 +44,11 @@ def _radius(points: np.ndarray, centres: np.ndarray) -> float:
 
 @pytest.mark.parametrize(("n", "d"), [(40, 6), (400, 16), (600, 200)])
 def test_the_order_is_the_literal_greedy_order_on_the_projected_tokens(n: int, d: int) -> None:
-    """Exact but for float rounding, with and without a projection, with few candidates
-    (n = 600: many refreshes) or all of them (n = 40)."""
-    tokens = _tokens(n, d)
-    proj = projection(d, 128, seed=3)
-    projected = tokens if proj is None else tokens @ proj.numpy()
+    """Exact but for float rounding, with and without a projection (d = 200 > DIM), with few
+    candidates (n = 600: many refreshes) or all of them (n = 40)."""
+    tokens = _tokens(n, d) * np.geomspace(1, 0.05, d, dtype=np.float32)  # flat, as a network's
+    axes = principal_axes(tokens, DIM)
+    projected = tokens if axes is None else tokens @ axes.numpy()
     order = greedy_order(tokens, n // 2, seed=3)
     assert order.dtype == np.int64 and order[0] == start_index(n, 3)
     np.testing.assert_array_equal(order, _literal(projected, n // 2, order[0]))
@@ -107,20 +108,33 @@ def test_by_position_is_the_order_of_each_position() -> None:
     tokens = (gen.standard_normal((60, 9, 200)) * (1 + np.arange(9)[:, None])).astype(np.float32)
     orders = greedy_order_by_position(tokens, 40, seed=4)
     assert orders.shape == (9, 40) and orders.dtype == np.int64
+    axes = principal_axes(tokens, DIM).numpy()  # of all positions' tokens together
     for p in range(9):
-        np.testing.assert_array_equal(orders[p], greedy_order(tokens[:, p], 40, seed=4))
+        np.testing.assert_array_equal(orders[p], _literal(tokens[:, p] @ axes, 40, orders[p, 0]))
+    assert len(set(orders[:, 0].tolist())) == 1  # one start image for all
     np.testing.assert_array_equal(greedy_order_by_position(tokens, 15, seed=4), orders[:, :15])
     assert greedy_order_by_position(tokens, 100, seed=4).shape == (9, 60)
 
 
-def test_the_projection_keeps_lengths_on_average() -> None:
-    assert projection(128, 128, seed=0) is None
-    proj = projection(512, 128, seed=0)
-    assert proj.shape == (512, 128) and proj.dtype == torch.float32
-    x = torch.randn(500, 512, generator=torch.Generator().manual_seed(1))
-    ratio = (x @ proj).square().sum(1) / x.square().sum(1)
-    assert abs(float(ratio.mean()) - 1) < 0.05
-    torch.testing.assert_close(projection(512, 128, seed=0), proj, rtol=0, atol=0)
+def test_the_projection_is_onto_the_axes_of_most_variance() -> None:
+    """Tokens near a 5-dimensional subspace of 64: its 5 axes are found, as by scikit-learn's
+    PCA, orthonormal; tokens of at most `dim` dimensions are not projected."""
+    from sklearn.decomposition import PCA
+
+    gen = np.random.default_rng(2)
+    basis = np.linalg.qr(gen.standard_normal((64, 5)))[0]
+    tokens = gen.standard_normal((3000, 5)) * [9, 7, 5, 4, 3] @ basis.T + 20
+    tokens = (tokens + 0.05 * gen.standard_normal((3000, 64))).astype(np.float32)
+    assert principal_axes(tokens, 64) is None and principal_axes(tokens[:, :8], 8) is None
+    axes = principal_axes(tokens, 5).numpy().astype(np.float64)
+    assert axes.shape == (64, 5)
+    np.testing.assert_allclose(axes.T @ axes, np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(axes @ axes.T, basis @ basis.T, atol=0.01)
+    reference = PCA(n_components=2).fit(tokens).components_.T
+    np.testing.assert_allclose(np.abs(axes[:, :2].T @ reference), np.eye(2), atol=1e-4)
+    # the same tokens in another order and chunking give the same axes
+    again = principal_axes(tokens[::-1].copy(), 5).numpy().astype(np.float64)
+    np.testing.assert_allclose(again @ again.T, axes @ axes.T, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])

@@ -43,22 +43,31 @@ def patch_nll_each(
     config: Config,
     grid: int,
     mixtures: Sequence[FittedMixture | None],
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    reconstruct: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """`patch_nll` under each of `mixtures` from one forward pass: the NLL grid of each,
-    the reconstruction error and the tokens."""
-    with autocast(x.device, config.train.precision):
-        out = model(x, grid=grid)
-    g, tokens = model.grid_size, out.tokens.float()
+    the reconstruction error and the tokens. Without `reconstruct`, where every mixture was
+    fitted after training, only the encoder runs (the decoder and the trained head are not
+    needed) and the reconstruction error is None."""
+    if not reconstruct and all(mixture is not None for mixture in mixtures):
+        rec, head = None, None
+        with autocast(x.device, config.train.precision):
+            tokens = model.encode(x)
+    else:
+        with autocast(x.device, config.train.precision):
+            out = model(x, grid=grid)
+        tokens, head = out.tokens, out.mixture
+        rec = (out.reconstruction.float() - x).square().mean(1)
+    g, clean = model.grid_size, tokens.float()
     nlls = []
     for mixture in mixtures:
         if mixture is not None:
-            nll = mixture.nll(tokens, grid)
+            nll = mixture.nll(clean, grid)
         else:
-            head = Mixture(*(t.float() for t in out.mixture))
-            nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](tokens, head)
+            trained = Mixture(*(t.float() for t in head))
+            nll = MDN_LOSS_FUNCTIONS[config.train.mdn_loss](clean, trained)
         nlls.append(nll.view(-1, g, g))
-    rec = (out.reconstruction.float() - x).square().mean(1)
-    return nlls, rec, out.tokens
+    return nlls, rec, tokens
 
 
 @torch.no_grad()
@@ -127,7 +136,9 @@ def batch_scores(
     compared = any(neighbours is not None for _, neighbours in scorings)
     grids, tokens, rec = [[] for _ in scorings], [], None
     for k, (dy, dx) in enumerate(offsets):
-        ns, r, t = patch_nll_each(model, shift_images(x, dy, dx), config, k, mixtures)
+        shifted = shift_images(x, dy, dx)
+        # the reconstruction error is read on the unshifted grid only
+        ns, r, t = patch_nll_each(model, shifted, config, k, mixtures, not (dy or dx))
         for each, n in zip(grids, ns):
             each.append(n)
         if compared:  # held for the batch only when they are compared
