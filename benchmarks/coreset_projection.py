@@ -25,21 +25,32 @@ import vtadl.scoring.mixture_fit as mixture_fit
 from vtadl.config import layered_config
 from vtadl.evaluation import evaluate_run
 from vtadl.scoring import coreset
-from vtadl.scoring.mixture_fit import CACHE, MAX_KERNEL_TOKENS, training_tokens
+from vtadl.scoring.mixture_fit import CACHE, MAX_KERNEL_TOKENS, kernel_log_var, training_tokens
 from vtadl.scoring.scorer import Scorer
 from vtadl.training import fit
 
 DEFAULT_ORDER = mixture_fit.greedy_order
 
 
-def random_order(tokens: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """The greedy order after a seeded Gaussian projection to 128 dimensions scaled by
-    1/sqrt(128) (the projection of vtadl before session 25)."""
+def random_order(
+    tokens: np.ndarray,
+    k: int,
+    seed: int,
+    dim: int = 128,
+    projection_seed: int | None = None,
+    whiten: bool = False,
+) -> np.ndarray:
+    """The greedy order after a seeded Gaussian projection to `dim` dimensions scaled by
+    1/sqrt(dim) (128 and the run's seed: the projection of vtadl before session 25).
+    `whiten`: the tokens divided by their spread per dimension first, the kernel's own
+    metric (its variance is one shared diagonal)."""
+    if whiten:
+        tokens = tokens / np.exp(0.5 * kernel_log_var(tokens).numpy())
     d = tokens.shape[-1]
     axes = None
-    if d > 128:
-        gen = torch.Generator().manual_seed(seed)
-        axes = torch.randn(d, 128, generator=gen).div_(math.sqrt(128))
+    if d > dim:
+        gen = torch.Generator().manual_seed(seed if projection_seed is None else projection_seed)
+        axes = torch.randn(d, dim, generator=gen).div_(math.sqrt(dim))
     x = coreset._projected(tokens[None], axes, None)
     start = coreset.start_index(len(tokens), seed)
     return coreset._greedy(x, min(int(k), len(tokens)), start)[0].numpy()
@@ -57,6 +68,19 @@ def radius(tokens: np.ndarray, centres: np.ndarray) -> tuple[float, float]:
     return float(r.max()), float(r.mean())
 
 
+# How the coreset's distances are measured: name -> the order function's keyword arguments
+# (random projections), or the principal axes' count.
+PROJECTIONS = {
+    "random128": {"dim": 128},
+    "random128_seed99": {"dim": 128, "projection_seed": 99},
+    "random64": {"dim": 64},
+    "whitened128": {"dim": 128, "whiten": True},
+    "whitened64": {"dim": 64, "whiten": True},
+    "principal32": 32,
+    "principal64": 64,
+}
+
+
 def measure(run_dir: Path, how: str, tokens: np.ndarray) -> dict:
     """Evaluate the run with the coreset projected `how` (its cached fits removed first)."""
     for cached in run_dir.glob(CACHE.split("{")[0] + "*"):
@@ -64,7 +88,11 @@ def measure(run_dir: Path, how: str, tokens: np.ndarray) -> dict:
     orders: list[np.ndarray] = []
 
     def recorded(tokens_: np.ndarray, k: int, seed: int) -> np.ndarray:
-        order = (random_order if how == "random128" else DEFAULT_ORDER)(tokens_, k, seed)
+        spec = PROJECTIONS[how]
+        if isinstance(spec, dict):
+            order = random_order(tokens_, k, seed, **spec)
+        else:
+            order = DEFAULT_ORDER(tokens_, k, seed, dim=spec)
         orders.append(order)
         return order
 
@@ -93,6 +121,12 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=[], help="trained runs to evaluate instead")
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     ap.add_argument("--out", default="runs/coreset_projection")
+    ap.add_argument(
+        "--projections",
+        nargs="*",
+        default=["random128", f"principal{coreset.DIM}"],
+        help=f"of {', '.join(PROJECTIONS)}; the last stays evaluated",
+    )
     args = ap.parse_args()
     runs = [Path(r) for r in args.runs]
     for category in args.categories:
@@ -115,7 +149,7 @@ def main() -> None:
             scorer.config.eval.grid_shifts,
             most=MAX_KERNEL_TOKENS,
         )
-        for how in ("random128", "principal32"):  # the default last, so that it stays
+        for how in args.projections:
             rows.append(measure(run_dir, how, tokens))
             print(json.dumps(rows[-1]), flush=True)
     print(
