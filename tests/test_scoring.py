@@ -160,3 +160,35 @@ def test_the_numpy_smoothing_is_scipy_s_gaussian_filter(sigma, shape) -> None:
 
     a = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     assert np.abs(smooth(a, sigma) - gaussian_filter(a, sigma)).max() < 1e-6
+
+
+def test_shifted_grids_run_the_encoder_alone_under_a_fitted_mixture() -> None:
+    """The reconstruction error is read on the unshifted grid only: under a mixture fitted
+    after training the decoder runs once per batch, not once per grid, and the scores are
+    those of whole forward passes; under the trained head every grid runs the whole model."""
+    from vtadl.config import default_config
+    from vtadl.data.prepare import to_float
+    from vtadl.model import build_model
+    from vtadl.scoring.grids import shift_images
+    from vtadl.scoring.mixtures import KernelDensity
+    from vtadl.scoring.raw import batch_scores, patch_nll_each
+
+    config = default_config("vtadl_tiny").override(eval={"grid_shifts": 2})
+    m = config.model
+    torch.manual_seed(0)
+    model = build_model(m, 4).eval()
+    kernel = KernelDensity(torch.randn(16, m.embed_dim), torch.zeros(m.embed_dim))
+    images = torch.randint(0, 256, (3, m.img_size, m.img_size, 3), dtype=torch.uint8)
+    calls = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    (nlls,), rec, _ = batch_scores(model, images, config, [(kernel, None)])
+    assert len(calls) == 1 and nlls.shape[1] == 4 and rec.shape == (3, m.img_size, m.img_size)
+    x = to_float(images).permute(0, 3, 1, 2)
+    for k, (dy, dx) in enumerate(grid_offsets(m.patch_size, 2)):
+        (whole,), r, _ = patch_nll_each(model, shift_images(x, dy, dx), config, k, [kernel])
+        torch.testing.assert_close(nlls[:, k], whole)
+        if not (dy or dx):
+            torch.testing.assert_close(rec, r)
+    calls.clear()
+    batch_scores(model, images, config, [(None, None)])
+    assert len(calls) == 4
