@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quality import _parse_sets  # a script beside this one
 
 import vtadl.scoring.mixture_fit as mixture_fit
 from vtadl.config import layered_config
 from vtadl.evaluation import evaluate_run
 from vtadl.scoring import coreset
-from vtadl.scoring.mixture_fit import CACHE, MAX_KERNEL_TOKENS, kernel_log_var, training_tokens
-from vtadl.scoring.scorer import Scorer
+from vtadl.scoring.mixture_fit import CACHE, kernel_log_var
 from vtadl.training import fit
 
 DEFAULT_ORDER = mixture_fit.greedy_order
@@ -81,19 +81,20 @@ PROJECTIONS = {
 }
 
 
-def measure(run_dir: Path, how: str, tokens: np.ndarray) -> dict:
-    """Evaluate the run with the coreset projected `how` (its cached fits removed first)."""
+def measure(run_dir: Path, how: str) -> dict:
+    """Evaluate the run with the coreset projected `how` (its cached fits removed first); the
+    covering radius is taken on the tokens the coreset was selected from."""
     for cached in run_dir.glob(CACHE.split("{")[0] + "*"):
         cached.unlink()
-    orders: list[np.ndarray] = []
+    selected: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def recorded(tokens_: np.ndarray, k: int, seed: int) -> np.ndarray:
+    def recorded(tokens: np.ndarray, k: int, seed: int) -> np.ndarray:
         spec = PROJECTIONS[how]
         if isinstance(spec, dict):
-            order = random_order(tokens_, k, seed, **spec)
+            order = random_order(tokens, k, seed, **spec)
         else:
-            order = DEFAULT_ORDER(tokens_, k, seed, dim=spec)
-        orders.append(order)
+            order = DEFAULT_ORDER(tokens, k, seed, dim=spec)
+        selected.append((tokens, order))
         return order
 
     mixture_fit.greedy_order = recorded
@@ -106,11 +107,10 @@ def measure(run_dir: Path, how: str, tokens: np.ndarray) -> dict:
     row = {"run_dir": str(run_dir), "projection": how, "seconds": round(seconds, 1)}
     row.update({k: round(result[k], 4) for k in ("image_auroc", "pixel_auroc", "au_pro")})
     row["n_gaussians"] = result["n_gaussians"]
-    if orders:
-        k = result["n_gaussians"]
-        row["radius_max"], row["radius_mean"] = (
-            round(v, 3) for v in radius(tokens, tokens[orders[0][:k]])
-        )
+    if selected:
+        tokens, order = selected[0]
+        centres = tokens[order[: result["n_gaussians"]]]
+        row["radius_max"], row["radius_mean"] = (round(v, 3) for v in radius(tokens, centres))
     return row
 
 
@@ -130,27 +130,14 @@ def main() -> None:
     args = ap.parse_args()
     runs = [Path(r) for r in args.runs]
     for category in args.categories:
-        sets: dict[str, dict] = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            section, _, name = key.partition(".")
-            sets.setdefault(section, {})[name] = json.loads(value)
+        sets = _parse_sets(args.set)
         sets.setdefault("data", {}).update(root=args.root, category=category)
         sets.setdefault("train", {}).setdefault("out", args.out)
         runs.append(fit(layered_config("vtadl_small", {}, sets)))
     rows = []
     for run_dir in runs:
-        scorer = Scorer(run_dir, calibrated=False)
-        tokens = training_tokens(
-            scorer.model,
-            scorer.source,
-            scorer.device,
-            scorer.config.train.seed,
-            scorer.config.eval.grid_shifts,
-            most=MAX_KERNEL_TOKENS,
-        )
         for how in args.projections:
-            rows.append(measure(run_dir, how, tokens))
+            rows.append(measure(run_dir, how))
             print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n{'run':<40} {'projection':>12} {'image':>6} {'pixel':>6} {'AU-PRO':>6} "

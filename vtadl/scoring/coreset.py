@@ -55,8 +55,9 @@ def principal_axes(tokens: np.ndarray, dim: int) -> torch.Tensor | None:
     flat = tokens.reshape(-1, d)
     mean = flat.mean(0, dtype=np.float64).astype(np.float32)
     cov = np.zeros((d, d))
-    for a in range(0, len(flat), max(1, _CHUNK // d)):
-        centred = flat[a : a + _CHUNK // d].astype(np.float32) - mean
+    rows = max(1, _CHUNK // d)
+    for a in range(0, len(flat), rows):
+        centred = flat[a : a + rows].astype(np.float32) - mean
         cov += centred.T @ centred
     _, vectors = np.linalg.eigh(cov / len(flat))  # ascending eigenvalues
     return torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1][:, :dim], dtype=np.float32))
@@ -81,8 +82,9 @@ def greedy_order_by_position(
     tokens: np.ndarray, k: int, seed: int, dim: int = DIM, device: torch.device | str | None = None
 ) -> np.ndarray:
     """At each position, the greedy order of the images' tokens there: tokens (images, P, D)
-    give (P, min(k, images)) int64 indices. Row p is `greedy_order(tokens[:, p], k, seed, dim)`:
-    one projection (the principal axes of all the tokens) and one start image for all
+    give (P, min(k, images)) int64 indices. Row p is the greedy order of tokens[:, p] projected
+    onto the principal axes of all the tokens (not of position p's alone, as
+    `greedy_order(tokens[:, p], ...)` would take): one projection and one start image for all
     positions; positions advance together."""
     tokens = _checked(tokens, 3, k, dim)
     x = _projected(tokens.transpose(1, 0, 2), principal_axes(tokens, dim), device)
